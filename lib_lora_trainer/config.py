@@ -267,7 +267,8 @@ def validate(config: TrainingConfig, *, need_dataset: bool = True) -> list[str]:
         f"text encoder learning rate must not be negative, got {config.text_encoder_lr}",
     )
     check(
-        config.unet_lr > 0 or (config.train_text_encoder and config.text_encoder_lr > 0)
+        config.unet_lr > 0
+        or (config.train_text_encoder and config.text_encoder_lr > 0)
         or (config.optimizer in ("Adafactor",) and config.adafactor_relative_step),
         "at least one learning rate must be greater than 0",
     )
@@ -294,7 +295,9 @@ def validate(config: TrainingConfig, *, need_dataset: bool = True) -> list[str]:
 
     check(config.min_snr_gamma >= 0, "min-SNR gamma must not be negative (0 turns it off)")
     check(config.noise_offset >= 0, "noise offset must not be negative")
-    check(config.parameterization in PARAMETERIZATIONS, f"parameterization must be one of {PARAMETERIZATIONS}")
+    check(
+        config.parameterization in PARAMETERIZATIONS, f"parameterization must be one of {PARAMETERIZATIONS}"
+    )
     check(1 <= config.clip_skip <= 12, "clip skip must be between 1 and 12")
     check(
         config.mixed_precision in MIXED_PRECISIONS,

@@ -1,6 +1,6 @@
 """What the training loop consumes: batches of latents and captions, one bucket per batch.
 
-The dataset layer (``lib_lora_trainer.dataset``) builds these from folders, buckets, augmentation and
+The rest of ``lib_lora_trainer.dataset`` builds these from folders, buckets, augmentation and
 the latent cache; the loop only needs this small protocol, so tests and the headless entry can feed it
 a plain list of images too (:class:`InMemoryBatchSource`).
 """

@@ -1,0 +1,146 @@
+"""The SmilingWolf WD14 tagger models: which exist, their default thresholds, and getting their files.
+
+A model lives in ``<models_dir>/<model name>/`` as ``model.onnx`` + ``selected_tags.csv``. Once both
+files are there, nothing here touches the network again, so tagging works offline after one download.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILENAME = "model.onnx"
+LABELS_FILENAME = "selected_tags.csv"
+MODEL_FILES = (MODEL_FILENAME, LABELS_FILENAME)
+
+# The character threshold most WD14 front ends start from (SmilingWolf's own demo included).
+DEFAULT_CHARACTER_THRESHOLD = 0.85
+# Used for a hand-made model folder whose name is not in the registry.
+FALLBACK_GENERAL_THRESHOLD = 0.35
+
+
+@dataclass(frozen=True)
+class WD14ModelInfo:
+    name: str
+    repo_id: str
+    dataset_version: int  # 2: "wd-v1-4-*-v2" models, 3: "wd-*-tagger-v3" models
+    general_threshold: float  # the model card's precision = recall threshold
+    character_threshold: float = DEFAULT_CHARACTER_THRESHOLD
+
+    @property
+    def page_url(self) -> str:
+        return f"https://huggingface.co/{self.repo_id}"
+
+    @property
+    def min_onnxruntime(self) -> tuple[int, int]:
+        # The v3 model cards state "ONNX model requires onnxruntime >= 1.17.0".
+        return (1, 17) if self.dataset_version >= 3 else (1, 0)
+
+
+def _model(name: str, version: int, general_threshold: float) -> WD14ModelInfo:
+    return WD14ModelInfo(name, f"SmilingWolf/{name}", version, general_threshold)
+
+
+WD14_MODELS: dict[str, WD14ModelInfo] = {
+    info.name: info
+    for info in (
+        _model("wd-v1-4-convnext-tagger-v2", 2, 0.3685),
+        _model("wd-v1-4-convnextv2-tagger-v2", 2, 0.3710),
+        _model("wd-v1-4-vit-tagger-v2", 2, 0.3537),
+        _model("wd-v1-4-swinv2-tagger-v2", 2, 0.3771),
+        _model("wd-v1-4-moat-tagger-v2", 2, 0.3771),
+        _model("wd-vit-tagger-v3", 3, 0.2614),
+        _model("wd-convnext-tagger-v3", 3, 0.2682),
+        _model("wd-swinv2-tagger-v3", 3, 0.2653),
+        _model("wd-vit-large-tagger-v3", 3, 0.2606),
+        _model("wd-eva02-large-tagger-v3", 3, 0.5296),
+    )
+}
+
+# Current tag set, a moderate download (~470 MB) and fast enough on a CPU.
+DEFAULT_MODEL = "wd-swinv2-tagger-v3"
+
+
+class TaggerModelUnavailable(RuntimeError):
+    """The model's files are not on disk and could not (or may not) be downloaded."""
+
+
+def get_model_info(model: str) -> WD14ModelInfo:
+    """The registry entry for a model name (``wd-swinv2-tagger-v3``) or repo id (``SmilingWolf/...``)."""
+    name = model.strip().rsplit("/", 1)[-1]
+    if name not in WD14_MODELS:
+        known = ", ".join(WD14_MODELS)
+        raise ValueError(f"Unknown WD14 tagger model '{model}'. Choose one of: {known}")
+    return WD14_MODELS[name]
+
+
+def model_folder(models_dir: str | Path, model: str) -> Path:
+    return Path(models_dir) / get_model_info(model).name
+
+
+def missing_model_files(folder: str | Path) -> list[str]:
+    """The files of a tagger model that are absent (or empty, like an interrupted copy) in ``folder``."""
+    return [
+        filename
+        for filename in MODEL_FILES
+        if not (Path(folder) / filename).is_file() or (Path(folder) / filename).stat().st_size == 0
+    ]
+
+
+def ensure_model_files(
+    model: str,
+    models_dir: str | Path,
+    *,
+    allow_download: bool = True,
+    endpoint: str | None = None,
+) -> Path:
+    """The folder holding ``model``'s files, downloading what is missing with huggingface_hub.
+
+    Files already present are used as they are, without any network request. ``endpoint`` lets a
+    user behind a firewall use a Hugging Face mirror.
+    """
+    info = get_model_info(model)
+    folder = Path(models_dir) / info.name
+    missing = missing_model_files(folder)
+    if not missing:
+        logger.info("Using WD14 tagger %s from %s", info.name, folder)
+        return folder
+    if not allow_download:
+        raise TaggerModelUnavailable(_missing_message(info, folder, missing, reason="downloads are off"))
+    for filename in missing:
+        _download(info, filename, folder, endpoint)
+    return folder
+
+
+def _download(info: WD14ModelInfo, filename: str, folder: Path, endpoint: str | None) -> None:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as error:
+        raise TaggerModelUnavailable(
+            _missing_message(info, folder, [filename], reason="huggingface_hub is not installed")
+        ) from error
+    logger.info("Downloading %s of WD14 tagger %s into %s", filename, info.name, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        hf_hub_download(info.repo_id, filename, local_dir=folder, endpoint=endpoint)
+    except Exception as error:  # network, HTTP, disk: all end the same way for the user
+        reason = f"the download failed ({type(error).__name__}: {_first_line(error)})"
+        message = _missing_message(info, folder, [filename], reason=reason)
+        logger.error(message)
+        raise TaggerModelUnavailable(message) from error
+
+
+def _missing_message(info: WD14ModelInfo, folder: Path, missing: list[str], *, reason: str) -> str:
+    return (
+        f"WD14 tagger {info.name} is not available: {', '.join(missing)} missing in {folder} and "
+        f"{reason}. If this computer is offline, download {' and '.join(MODEL_FILES)} from "
+        f"{info.page_url} elsewhere and put them in that folder."
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no details"

@@ -1,0 +1,320 @@
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lib_lora_trainer.config import ConfigError, TrainingConfig, validate
+from lib_lora_trainer.kohya_ss_import import (
+    KohyaImport,
+    import_kohya_ss_config,
+    load_kohya_ss_json,
+    migrate_old_fields,
+)
+
+# An old-style kohya_ss GUI file (numbers stored as strings, lora_network_weights, boolean xformers),
+# shaped like the SD1.5 LoCon preset kohya_ss ships.
+OLD_LOCON: dict[str, Any] = {
+    "LoRA_type": "LoCon",
+    "bucket_no_upscale": True,
+    "bucket_reso_steps": 64.0,
+    "cache_latents": True,
+    "caption_extension": ".txt",
+    "clip_skip": 2,
+    "conv_alpha": 1,
+    "conv_dim": 32,
+    "enable_bucket": False,
+    "epoch": 1,
+    "gradient_accumulation_steps": 1.0,
+    "keep_tokens": "0",
+    "learning_rate": "0.0001",
+    "lora_network_weights": "/loras/start.safetensors",
+    "lr_scheduler": "constant",
+    "lr_scheduler_num_cycles": "",
+    "lr_warmup": "0",
+    "max_resolution": "512,650",
+    "max_token_length": "75",
+    "mem_eff_attn": True,
+    "mixed_precision": "bf16",
+    "network_alpha": 64,
+    "network_dim": 64,
+    "noise_offset": "0.05",
+    "optimizer_args": "",
+    "prior_loss_weight": 1.0,
+    "save_every_n_epochs": 1,
+    "save_precision": "bf16",
+    "seed": "1234",
+    "shuffle_caption": False,
+    "text_encoder_lr": "5e-05",
+    "train_batch_size": 3,
+    "unet_lr": "0.0001",
+    "use_8bit_adam": True,
+    "v2": False,
+    "xformers": True,
+}
+
+# A current-style file (numbers as numbers), trimmed to a representative subset of the ~190 keys.
+NEW_STANDARD: dict[str, Any] = {
+    "LoRA_type": "Standard",
+    "adaptive_noise_scale": 0,
+    "additional_parameters": "",
+    "bucket_no_upscale": True,
+    "cache_latents": True,
+    "caption_dropout_rate": 0.05,
+    "caption_extension": ".txt",
+    "clip_skip": 2,
+    "color_aug": False,
+    "enable_bucket": True,
+    "epoch": 4,
+    "flip_aug": False,
+    "flux1_checkbox": False,
+    "flux1_t5xxl": "",
+    "gradient_accumulation_steps": 1,
+    "huber_c": 0.1,
+    "huggingface_token": "",
+    "keep_tokens": 0,
+    "learning_rate": 0.0001,
+    "logging_dir": "./test/logs",
+    "loss_type": "l2",
+    "lr_scheduler": "cosine",
+    "lr_scheduler_num_cycles": 1,
+    "lr_warmup": 10,
+    "lr_warmup_steps": 0,
+    "max_bucket_reso": 2048,
+    "max_resolution": "512,512",
+    "max_train_epochs": 0,
+    "max_train_steps": 0,
+    "min_bucket_reso": 256,
+    "min_snr_gamma": 5,
+    "mixed_precision": "fp16",
+    "model_list": "runwayml/stable-diffusion-v1-5",
+    "multires_noise_discount": 0.2,
+    "multires_noise_iterations": 8,
+    "network_alpha": 8,
+    "network_dim": 16,
+    "network_weights": "",
+    "noise_offset": 0.05,
+    "noise_offset_type": "Multires",
+    "optimizer": "AdamW",
+    "output_dir": "./test/output",
+    "output_name": "Standard-Adamw",
+    "pretrained_model_name_or_path": "runwayml/stable-diffusion-v1-5",
+    "reg_data_dir": "",
+    "sample_every_n_epochs": 0,
+    "sample_every_n_steps": 20,
+    "sample_prompts": "a painting of alice_chr, red scarf --n lowres --w 512 --h 768\nalice_chr smiling",
+    "sample_sampler": "euler_a",
+    "save_every_n_epochs": 1,
+    "save_model_as": "safetensors",
+    "save_precision": "float",
+    "sdxl": False,
+    "seed": 1234,
+    "text_encoder_lr": 0.00005,
+    "train_batch_size": 4,
+    "train_data_dir": "./test/img",
+    "unet_lr": 0.0001,
+    "v2": False,
+    "v_parameterization": False,
+    "xformers": "xformers",
+}
+
+
+def accounted_keys(result: KohyaImport) -> set[str]:
+    return (
+        result.read_from
+        | {item.key.split()[0] for item in result.unsupported}
+        | {item.key for item in result.ignored}
+    )
+
+
+def test_old_file_is_migrated_and_string_numbers_are_read() -> None:
+    result = import_kohya_ss_config(OLD_LOCON)
+    config = result.config
+    assert config.network_type == "locon"
+    assert (config.network_dim, config.network_alpha, config.conv_dim, config.conv_alpha) == (
+        64,
+        64.0,
+        32,
+        1.0,
+    )
+    assert config.optimizer == "AdamW8bit"
+    assert (config.unet_lr, config.text_encoder_lr, config.train_text_encoder) == (1e-4, 5e-5, True)
+    assert config.network_weights == "/loras/start.safetensors"
+    assert (config.keep_tokens, config.seed, config.noise_offset, config.clip_skip) == (0, 1234, 0.05, 2)
+    assert config.lr_scheduler_num_cycles == 1  # "" reads as 1, as kohya_ss does on load
+    assert (config.mixed_precision, config.save_precision, config.batch_size) == ("bf16", "bf16", 3)
+    assert config.resolution == 576  # 512x650 has the area of a 576 square
+    assert any("512x650" in note for note in result.notes)
+    assert any("lora_network_weights" in note for note in result.notes)
+    assert any("use_8bit_adam" in note for note in result.notes)
+    assert result.problems == []
+    assert result.unsupported == []
+    assert {item.key for item in result.ignored} >= {"xformers", "mem_eff_attn", "learning_rate"}
+
+
+def test_new_file_every_key_is_applied_or_reported() -> None:
+    result = import_kohya_ss_config(NEW_STANDARD)
+    assert accounted_keys(result) == set(NEW_STANDARD)
+    config = result.config
+    assert config.network_type == "lora"
+    assert (config.output_name, config.train_data_dir, config.dataset_layout) == (
+        "Standard-Adamw",
+        "./test/img",
+        "kohya",
+    )
+    assert config.epochs == 4 and config.batch_size == 4
+    assert config.lr_warmup_steps == pytest.approx(0.1)  # 10 % of all steps
+    assert config.save_precision == "fp32"
+    assert config.min_snr_gamma == 5.0 and config.caption_dropout_rate == 0.05
+    assert config.sample_prompts == ["a painting of alice_chr, red scarf", "alice_chr smiling"]
+    assert config.sample_sampler == "Euler a"
+    unsupported = {item.key: item for item in result.unsupported}
+    assert set(unsupported) == {"noise_offset_type", "sample_every_n_steps"}
+    assert "8 iterations" in unsupported["noise_offset_type"].reason
+    assert config.noise_offset == TrainingConfig().noise_offset, "kohya_ss ignores it with Multires noise"
+    ignored = {item.key: item.reason for item in result.ignored}
+    assert "checkpoint loaded in the WebUI" in ignored["pretrained_model_name_or_path"]
+    assert "Lora folder" in ignored["output_dir"]
+    assert "Flux" in ignored["flux1_t5xxl"]
+    assert any("--n lowres" in note for note in result.notes)
+    assert validate(config) == []
+
+
+def test_the_summary_lists_what_was_not_taken_over() -> None:
+    summary = import_kohya_ss_config(NEW_STANDARD).summary()
+    assert "Not supported here" in summary
+    assert "sample_every_n_steps = 20" in summary
+    assert "logging_dir" in summary
+
+
+@pytest.mark.parametrize(
+    ("rates", "expected"),
+    [
+        ({"learning_rate": 3e-4, "unet_lr": 0, "text_encoder_lr": 0}, (3e-4, 3e-4, True)),
+        ({"learning_rate": 3e-4, "unet_lr": 2e-4, "text_encoder_lr": 0}, (2e-4, 0.0, False)),
+        ({"learning_rate": 3e-4, "unet_lr": 0, "text_encoder_lr": 1e-4}, (0.0, 1e-4, True)),
+        ({"learning_rate": 3e-4, "unet_lr": "", "text_encoder_lr": "1e-4"}, (0.0, 1e-4, True)),
+        ({"learning_rate": 3e-4, "unet_lr": 2e-4, "text_encoder_lr": 1e-4}, (2e-4, 1e-4, True)),
+    ],
+)
+def test_learning_rates_follow_kohya_ss_rules(rates: dict, expected: tuple) -> None:
+    config = import_kohya_ss_config(rates).config
+    assert (config.unet_lr, config.text_encoder_lr, config.train_text_encoder) == expected
+
+
+def test_warmup_steps_win_over_percent_and_max_epochs_over_epoch() -> None:
+    result = import_kohya_ss_config(
+        {"lr_warmup": 10, "lr_warmup_steps": 300, "epoch": 5, "max_train_epochs": 9}
+    )
+    assert result.config.lr_warmup_steps == 300
+    assert result.config.epochs == 9
+    assert any("lr_warmup_steps wins" in note for note in result.notes)
+    assert {item.key for item in result.ignored} >= {"lr_warmup", "epoch"}
+
+
+def test_adafactor_options_and_scheduler() -> None:
+    result = import_kohya_ss_config(
+        {
+            "optimizer": "Adafactor",
+            "optimizer_args": "scale_parameter=False relative_step=False warmup_init=False weight_decay=0.1",
+            "lr_scheduler": "adafactor",
+        }
+    )
+    config = result.config
+    assert config.optimizer == "Adafactor"
+    assert config.weight_decay == 0.1
+    assert config.adafactor_relative_step is True  # the 'adafactor' scheduler means relative steps
+    assert config.lr_scheduler == "constant"
+    assert {item.key for item in result.unsupported} == {
+        "optimizer_args scale_parameter",
+        "optimizer_args warmup_init",
+    }
+
+
+def test_unsupported_network_optimizer_and_model_family_are_reported_not_applied() -> None:
+    base = TrainingConfig(optimizer="AdamW", network_type="lora", lr_scheduler="cosine")
+    result = import_kohya_ss_config(
+        {
+            "LoRA_type": "LyCORIS/LoHa",
+            "optimizer": "Lion",
+            "lr_scheduler": "rex",
+            "sdxl": True,
+            "max_train_steps": 1600,
+            "network_dropout": 0.1,
+            "block_dims": "4,4,4",
+            "some_future_option": "on",
+        },
+        base,
+    )
+    assert (result.config.network_type, result.config.optimizer, result.config.lr_scheduler) == (
+        "lora",
+        "AdamW",
+        "cosine",
+    )
+    reasons = {item.key: item.reason for item in result.unsupported}
+    assert set(reasons) == {
+        "LoRA_type",
+        "optimizer",
+        "lr_scheduler",
+        "sdxl",
+        "max_train_steps",
+        "network_dropout",
+        "block_dims",
+        "some_future_option",
+    }
+    assert "SD1.5" in reasons["sdxl"]
+    assert "epochs" in reasons["max_train_steps"]
+
+
+def test_unreadable_values_keep_the_previous_value_and_are_reported() -> None:
+    base = TrainingConfig(network_dim=32, output_name="alice")
+    result = import_kohya_ss_config(
+        {"network_dim": "lots", "output_name": "my lora!", "max_resolution": "big", "flip_aug": "maybe"}, base
+    )
+    assert result.config.network_dim == 32
+    assert result.config.output_name == "alice"
+    assert result.config.resolution == base.resolution
+    assert len(result.problems) == 4
+    for key in ("network_dim", "output_name", "max_resolution", "flip_aug"):
+        assert any(problem.startswith(key) for problem in result.problems), key
+    assert result.ignored == [] and result.unsupported == [], "each key is reported once"
+
+
+def test_values_our_checks_refuse_are_reported_as_problems() -> None:
+    result = import_kohya_ss_config({"max_resolution": "500,500"})
+    assert result.config.resolution == 500
+    assert any("multiple of 64" in problem for problem in result.problems)
+
+
+def test_zero_means_defaults_kohya_style() -> None:
+    result = import_kohya_ss_config({"epoch": 6, "save_every_n_epochs": 0, "seed": 0, "clip_skip": 0})
+    config = result.config
+    assert config.save_every_n_epochs == 6  # kohya_ss then saves only the last epoch
+    assert config.seed == TrainingConfig().seed
+    assert config.clip_skip == 1
+    assert any("seed 0" in note for note in result.notes)
+
+
+def test_migration_does_not_change_its_input() -> None:
+    original = json.loads(json.dumps(OLD_LOCON))
+    migrated, _notes = migrate_old_fields(OLD_LOCON)
+    assert original == OLD_LOCON
+    assert migrated["LoRA_type"] == "LyCORIS/LoCon"
+    assert migrated["xformers"] == "xformers"
+    assert "lora_network_weights" not in migrated and "use_8bit_adam" not in migrated
+
+
+def test_load_from_file_and_bad_files(tmp_path: Path) -> None:
+    good = tmp_path / "alice.json"
+    good.write_text(json.dumps(NEW_STANDARD), encoding="utf-8-sig")
+    assert load_kohya_ss_json(good).config.network_dim == 16
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_kohya_ss_json(broken)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_kohya_ss_json(tmp_path / "missing.json")
+    listing = tmp_path / "list.json"
+    listing.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ConfigError, match="JSON object"):
+        load_kohya_ss_json(listing)

@@ -132,9 +132,6 @@ def build_comparison(
             raise ComparisonError(f"epoch name {stem!r} contains a character a <lora:...> tag cannot hold")
     first = ordered[0]
     text = ", ".join(part.strip() for part in (trigger_word, extra_prompt) if part.strip())
-    for stem in ordered:
-        if first in stem and stem != first:
-            raise ComparisonError(f"epoch name {first!r} is part of {stem!r}; X/Y/Z would replace it twice")
     if first in text or first in negative_prompt:
         raise ComparisonError(f"{first!r} is already in the prompt text; X/Y/Z needs it only in the LoRA tag")
 

@@ -88,14 +88,19 @@ def test_values_that_need_quotes_survive_the_round_trip() -> None:
 def test_names_that_would_confuse_prompt_sr_are_refused() -> None:
     with pytest.raises(ComparisonError, match="no saved epochs"):
         build_comparison([], "alice")
-    with pytest.raises(ComparisonError, match="part of"):
-        build_comparison(["a-1", "a-12"], "alice")
     with pytest.raises(ComparisonError, match="already in the prompt"):
         build_comparison(STEMS, "alice-000001")
     with pytest.raises(ComparisonError, match="already in the prompt"):
         build_comparison(STEMS, "alice", negative_prompt="alice-000001")
     with pytest.raises(ComparisonError, match="cannot hold"):
         build_comparison(["bad:name"], "alice")
+
+
+def test_a_stem_that_is_part_of_another_still_sweeps_correctly() -> None:
+    comparison = build_comparison(["a-1", "a-12", "xa-1"], "alice", rng_seed=2)
+    xs = split_values(comparison.x_values)
+    cells = [prompt_sr(comparison.prompt, xs, x) for x in xs]
+    assert cells == ["alice <lora:a-1:1>", "alice <lora:a-12:1>", "alice <lora:xa-1:1>"]
 
 
 def test_duplicate_stems_are_listed_once_in_order() -> None:

@@ -164,12 +164,14 @@ class EpochRegistry:
                 for file_name in files:
                     yield Path(folder) / file_name
 
-    def existing_epoch_files(self, name: str) -> list[Path]:
-        """Every file under the Lora roots whose name starts with an epoch stem of ``name``.
+    @staticmethod
+    def _epoch_file_pattern(name: str) -> re.Pattern[str]:
+        # Case-insensitive: Windows and macOS file systems treat ``Alice`` and ``alice`` as one name.
+        return re.compile(rf"^{re.escape(name)}-\d{{{EPOCH_DIGITS}}}(\..*)?$", re.IGNORECASE)
 
-        Compared case-insensitively: Windows and macOS file systems would treat ``Alice`` as ``alice``.
-        """
-        pattern = re.compile(rf"^{re.escape(name)}-\d{{{EPOCH_DIGITS}}}(\..*)?$", re.IGNORECASE)
+    def existing_epoch_files(self, name: str) -> list[Path]:
+        """Every file under the Lora roots whose name starts with an epoch stem of ``name``."""
+        pattern = self._epoch_file_pattern(name)
         return sorted(path for path in self._walk_files() if pattern.match(path.name))
 
     def is_name_free(self, name: str) -> bool:
@@ -179,7 +181,14 @@ class EpochRegistry:
         """``alice`` -> ``alice_run2`` (or the next free number); ``alice_run2`` -> ``alice_run3``."""
         match = re.match(r"^(.*)_run(\d+)$", name)
         base, number = (match.group(1), int(match.group(2)) + 1) if match else (name, 2)
-        while not self.is_name_free(f"{base}_run{number}"):
+        file_names = [path.name for path in self._walk_files()]
+
+        def taken(candidate: str) -> bool:
+            pattern = self._epoch_file_pattern(candidate)
+            in_use = any(pattern.match(file_name) for file_name in file_names)
+            return in_use or self.run_for(candidate).config_path.exists()
+
+        while taken(f"{base}_run{number}"):
             number += 1
         return f"{base}_run{number}"
 

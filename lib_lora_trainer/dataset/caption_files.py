@@ -12,6 +12,7 @@ from lib_lora_trainer.files import write_text_with_backup
 class CaptionText:
     text: str
     problem: str | None = None  # set when the file was not clean UTF-8 and a fallback was used
+    has_bom: bool = False  # the file started with a UTF-8 byte-order mark (Windows Notepad), not kept
 
 
 def read_caption_file(path: str | Path) -> CaptionText:
@@ -27,8 +28,8 @@ def read_caption_file(path: str | Path) -> CaptionText:
         except UnicodeDecodeError:
             text = raw.decode("latin-1")
         problem = f"{Path(path).name} is not valid UTF-8; read it as Windows-1252/Latin-1"
-    lines = [line.strip() for line in text.replace("\r\n", "\n").split("\n")]
-    return CaptionText(", ".join(line for line in lines if line), problem)
+    lines = [line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    return CaptionText(", ".join(line for line in lines if line), problem, raw.startswith(b"\xef\xbb\xbf"))
 
 
 def write_caption_file(path: str | Path, text: str) -> Path | None:

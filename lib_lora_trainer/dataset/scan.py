@@ -1,0 +1,300 @@
+"""Reading a dataset folder: which images, which captions, how many repeats — and what is wrong.
+
+Two layouts: "flat" (images in one folder, repeats chosen by the user) and kohya's "N_name" folders
+(``10_alice/``: 10 repeats, class token "alice", used as the caption of an image that has none). An
+optional regularisation folder may use either layout (detected). The scan only reads: nothing in the
+user's folders is created, changed or deleted. Every file that cannot be used is reported by name with
+the reason and left out; the scan itself never raises for bad input.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lib_lora_trainer.config import TrainingConfig
+from lib_lora_trainer.dataset.caption_files import read_caption_file
+from lib_lora_trainer.dataset.images import (
+    DEFAULT_BACKGROUND,
+    IMAGE_EXTENSIONS,
+    ImageLoadError,
+    is_image_file,
+    probe_image,
+)
+
+logger = logging.getLogger(__name__)
+
+KOHYA_FOLDER_PATTERN = re.compile(r"^(\d+)_(.*)$")
+SUPPORTED_TYPES = ", ".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: Path
+    width: int  # after EXIF orientation
+    height: int
+    caption: str  # the caption file's text, or the class token when there is no caption
+    caption_file: Path | None  # the caption file that was read, None when there was none
+    dhash: int
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Subset:
+    name: str  # the folder's name ("10_alice"): the key kohya's metadata uses
+    folder: Path
+    repeats: int
+    class_tokens: str
+    is_reg: bool
+    images: tuple[ImageRecord, ...]
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    path: Path
+    message: str
+
+
+@dataclass
+class ScannedDataset:
+    subsets: list[Subset] = field(default_factory=list)
+    problems: list[FileProblem] = field(default_factory=list)  # files left out, with the reason
+    notes: list[str] = field(default_factory=list)  # conversions and ignored things worth telling
+    errors: list[str] = field(default_factory=list)  # why the dataset cannot be trained on, if it can't
+
+    @property
+    def train_subsets(self) -> list[Subset]:
+        return [subset for subset in self.subsets if not subset.is_reg]
+
+    @property
+    def reg_subsets(self) -> list[Subset]:
+        return [subset for subset in self.subsets if subset.is_reg]
+
+    @property
+    def usable(self) -> bool:
+        return not self.errors and any(subset.images for subset in self.train_subsets)
+
+
+def scan_dataset(
+    config: TrainingConfig,
+    *,
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+    progress: ProgressCallback | None = None,
+) -> ScannedDataset:
+    """Scan the training folder (and the regularisation folder, if set) described by ``config``."""
+    result = ScannedDataset()
+    folders = _plan_folders(config, result)
+    total = sum(len(images) for _, images in folders)
+    done = 0
+    for spec, images in folders:
+        records = []
+        for image_path in images:
+            record = _scan_image(image_path, spec, config.caption_extension, background, result)
+            if record is not None:
+                records.append(record)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        if not records:
+            result.notes.append(f"{spec.name}: every image was left out, so the folder is not used")
+            continue
+        subset = Subset(spec.name, spec.folder, spec.repeats, spec.class_tokens, spec.is_reg, tuple(records))
+        result.subsets.append(subset)
+        _note_shared_captions(subset, config.caption_extension, result)
+    _check_usable(config, result)
+    for message in result.errors:
+        logger.error("Dataset: %s", message)
+    return result
+
+
+@dataclass(frozen=True)
+class _FolderSpec:
+    name: str
+    folder: Path
+    repeats: int
+    class_tokens: str
+    is_reg: bool
+
+
+def _plan_folders(config: TrainingConfig, result: ScannedDataset) -> list[tuple[_FolderSpec, list[Path]]]:
+    folders: list[tuple[_FolderSpec, list[Path]]] = []
+    train_root = _existing_folder(config.train_data_dir, "training", result)
+    if train_root is not None:
+        if config.dataset_layout == "kohya":
+            folders += _kohya_folders(train_root, config, is_reg=False, result=result)
+        else:
+            folders += _flat_folder(train_root, config.flat_repeats, config, is_reg=False, result=result)
+    if config.reg_data_dir.strip():
+        reg_root = _existing_folder(config.reg_data_dir, "regularisation", result)
+        if reg_root is not None:
+            if _kohya_subfolders(reg_root):
+                folders += _kohya_folders(reg_root, config, is_reg=True, result=result)
+            else:
+                folders += _flat_folder(reg_root, 1, config, is_reg=True, result=result)
+    return folders
+
+
+def _existing_folder(text: str, role: str, result: ScannedDataset) -> Path | None:
+    if not text.strip():
+        result.errors.append(f"choose a {role} image folder")
+        return None
+    folder = Path(text.strip()).expanduser()
+    if not folder.exists():
+        result.errors.append(f"the {role} folder {folder} does not exist")
+        return None
+    if not folder.is_dir():
+        result.errors.append(f"the {role} folder {folder} is a file, not a folder")
+        return None
+    return folder
+
+
+def _list_images(folder: Path, result: ScannedDataset) -> list[Path]:
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as error:
+        result.errors.append(f"cannot list the folder {folder} ({error.strerror or error})")
+        return []
+    return [path for path in entries if is_image_file(path)]
+
+
+def _kohya_subfolders(root: Path) -> list[tuple[Path, int, str]]:
+    found = []
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return []
+    for path in entries:
+        match = KOHYA_FOLDER_PATTERN.match(path.name)
+        if path.is_dir() and match:
+            found.append((path, int(match.group(1)), match.group(2).strip()))
+    return found
+
+
+def _flat_folder(
+    root: Path, repeats: int, config: TrainingConfig, *, is_reg: bool, result: ScannedDataset
+) -> list[tuple[_FolderSpec, list[Path]]]:
+    images = _list_images(root, result)
+    role = "regularisation" if is_reg else "training"
+    if not images:
+        hint = ""
+        if not is_reg and _kohya_subfolders(root):
+            hint = "; it has N_name subfolders (like 10_alice), so choose the kohya folder layout"
+        result.errors.append(f"the {role} folder {root} has no images ({SUPPORTED_TYPES}){hint}")
+        return []
+    spec = _FolderSpec(root.name, root, repeats, config.class_token.strip(), is_reg)
+    return [(spec, images)]
+
+
+def _kohya_folders(
+    root: Path, config: TrainingConfig, *, is_reg: bool, result: ScannedDataset
+) -> list[tuple[_FolderSpec, list[Path]]]:
+    role = "regularisation" if is_reg else "training"
+    subfolders = _kohya_subfolders(root)
+    _note_ignored_entries(root, result)
+    if not subfolders:
+        hint = (
+            "; it has images directly inside, so choose the flat layout" if _list_images(root, result) else ""
+        )
+        result.errors.append(
+            f"the {role} folder {root} has no N_name subfolders (like 10_alice: 10 repeats, "
+            f"class token 'alice'){hint}"
+        )
+        return []
+    folders = []
+    for folder, repeats, class_tokens in subfolders:
+        if repeats < 1:
+            result.notes.append(f"{folder.name}: 0 repeats, so this folder is not used (as in kohya)")
+            continue
+        images = _list_images(folder, result)
+        if not images:
+            result.notes.append(f"{folder.name}: no images ({SUPPORTED_TYPES}), so it is skipped")
+            continue
+        tokens = class_tokens or config.class_token.strip()
+        folders.append((_FolderSpec(folder.name, folder, repeats, tokens, is_reg), images))
+    if not folders:
+        result.errors.append(f"the {role} folder {root}: none of its N_name subfolders has images")
+    return folders
+
+
+def _note_ignored_entries(root: Path, result: ScannedDataset) -> None:
+    loose_images = _list_images(root, result)
+    if loose_images:
+        result.notes.append(
+            f"{len(loose_images)} image(s) directly in {root.name} are not used in the kohya layout; "
+            "move them into an N_name subfolder to train on them"
+        )
+    for path in sorted(root.iterdir()):
+        if path.is_dir() and not path.name.startswith(".") and not KOHYA_FOLDER_PATTERN.match(path.name):
+            result.notes.append(
+                f"folder {path.name} is ignored: its name does not start with a repeat count and '_' "
+                "(like 10_alice)"
+            )
+
+
+def _scan_image(
+    path: Path,
+    spec: _FolderSpec,
+    caption_extension: str,
+    background: tuple[int, int, int],
+    result: ScannedDataset,
+) -> ImageRecord | None:
+    try:
+        probe = probe_image(path, background=background)
+    except ImageLoadError as error:
+        result.problems.append(FileProblem(path, str(error)))
+        logger.warning("Left out: %s", error)
+        return None
+    notes = list(probe.notes)
+    caption, caption_file = _read_caption(path, spec, caption_extension, notes)
+    result.notes.extend(notes)
+    for note in notes:
+        logger.info("Dataset: %s", note)
+    return ImageRecord(path, probe.width, probe.height, caption, caption_file, probe.dhash, tuple(notes))
+
+
+def _read_caption(
+    image: Path, spec: _FolderSpec, caption_extension: str, notes: list[str]
+) -> tuple[str, Path | None]:
+    caption_path = image.with_suffix(caption_extension)
+    if not caption_path.is_file():
+        return spec.class_tokens, None
+    try:
+        caption = read_caption_file(caption_path)
+    except OSError as error:
+        notes.append(f"{caption_path.name}: cannot be read ({error.strerror or error}); class token used")
+        return spec.class_tokens, None
+    if caption.problem:
+        notes.append(f"{caption.problem}; check the accents and symbols in it")
+    if caption.has_bom:
+        notes.append(f"{caption_path.name}: starts with a UTF-8 byte-order mark; read without it")
+    if not caption.text:
+        notes.append(f"{caption_path.name}: is empty; the class token is used instead")
+        return spec.class_tokens, None
+    return caption.text, caption_path
+
+
+def _note_shared_captions(subset: Subset, caption_extension: str, result: ScannedDataset) -> None:
+    by_caption: dict[Path, list[str]] = {}
+    for record in subset.images:
+        if record.caption_file is not None:
+            by_caption.setdefault(record.caption_file, []).append(record.path.name)
+    for caption_path, names in by_caption.items():
+        if len(names) > 1:
+            result.notes.append(f"{' and '.join(names)} share the caption file {caption_path.name}")
+
+
+def _check_usable(config: TrainingConfig, result: ScannedDataset) -> None:
+    if result.errors:
+        return
+    if not any(subset.images for subset in result.train_subsets):
+        result.errors.append(
+            f"no usable training images in {config.train_data_dir}: every image was left out "
+            "(see the list of problems)"
+        )
+    elif config.reg_data_dir.strip() and not any(subset.images for subset in result.reg_subsets):
+        result.errors.append(f"no usable regularisation images in {config.reg_data_dir}")

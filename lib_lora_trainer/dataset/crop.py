@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 from PIL import Image
 
 from lib_lora_trainer.dataset.buckets import BucketChoice, Bucketer
-from lib_lora_trainer.dataset.images import DEFAULT_BACKGROUND, load_image
+from lib_lora_trainer.dataset.images import DEFAULT_BACKGROUND, load_image, read_size
 
 if TYPE_CHECKING:
     from lib_lora_trainer.config import TrainingConfig
@@ -144,8 +144,8 @@ def preview_crop(
     Raises :class:`~lib_lora_trainer.dataset.images.ImageLoadError` with a readable reason for a
     file that cannot be used.
     """
-    loaded = load_image(image_path, background=background)
-    choice = bucketer_for(config).select(*loaded.image.size)
+    choice = bucketer_for(config).select(*read_size(image_path))
+    loaded = load_image(image_path, background=background, draft_size=choice.resized)
     finder = face_finder_for(config, face_finder)
     return crop_to_bucket(loaded.image, choice, face_finder=finder).image
 

@@ -38,7 +38,7 @@ class ImageProbe:
     width: int  # after EXIF orientation
     height: int
     file_format: str
-    dhash: int  # 64-bit difference hash, for near-duplicate detection
+    dhash: int  # 128-bit difference hash, for near-duplicate detection
     notes: tuple[str, ...]  # what was converted or fixed, in words
 
 
@@ -79,11 +79,19 @@ def load_image(
     *,
     data: bytes | None = None,
     background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+    draft_size: tuple[int, int] | None = None,
 ) -> LoadedImage:
-    """The full-resolution RGB image in ``path`` (or in ``data``, the file's bytes already read)."""
+    """The RGB image in ``path`` (or in ``data``, the file's bytes already read), upright.
+
+    With ``draft_size`` (upright width, height) a JPEG is decoded at the smallest DCT scale that is still
+    at least that large — several times faster for big photos that are shrunk for training anyway.
+    """
     path = Path(path)
     data = _read_bytes(path) if data is None else _non_empty(path, data)
     image, notes = _open_checked(path, data)
+    if draft_size is not None and image.format == "JPEG":
+        stored = draft_size[::-1] if _orientation(image) in _ROTATING_ORIENTATIONS else draft_size
+        image.draft(image.mode, stored)
     _decode(path, image, data)
     orientation = _orientation(image)
     if orientation not in (None, 1):
@@ -94,10 +102,20 @@ def load_image(
     return LoadedImage(rgb, tuple(notes + conversion_notes))
 
 
+def read_size(path: str | Path) -> tuple[int, int]:
+    """The upright (EXIF-oriented) size of the image in ``path``, from its header only."""
+    path = Path(path)
+    image, _ = _open_checked(path, _read_bytes(path))
+    return _oriented_size(image)
+
+
 def difference_hash(image: Image.Image) -> int:
-    """dHash: 64 bits, one per horizontally adjacent pixel pair of a 9x8 greyscale thumbnail."""
-    small = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
-    bits = (small[:, 1:] > small[:, :-1]).flatten()
+    """A 128-bit perceptual hash: horizontal and vertical dHash of a 9x9 greyscale thumbnail (one bit per
+    pair of neighbouring pixels). Both directions, so smooth images with similar gradients still differ."""
+    small = np.asarray(image.convert("L").resize((9, 9), Image.Resampling.BILINEAR), dtype=np.int16)
+    horizontal = small[:8, 1:] > small[:8, :-1]
+    vertical = small[1:, :8] > small[:-1, :8]
+    bits = np.concatenate([horizontal.flatten(), vertical.flatten()])
     return int("".join("1" if bit else "0" for bit in bits), 2)
 
 

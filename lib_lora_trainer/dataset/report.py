@@ -21,8 +21,9 @@ MIN_CHARACTER_IMAGES = 15
 USUAL_TOTAL_STEPS = (1500, 4000)
 TARGET_TOTAL_STEPS = 2500
 ELONGATED_RATIO = 2.5
-NEAR_DUPLICATE_BITS = 4  # dHash Hamming distance (of 64) at or below which two images look the same
+NEAR_DUPLICATE_BITS = 8  # dHash Hamming distance (of 128) at or below which two images look the same
 MAX_NAMES_SHOWN = 8
+MAX_NOTES_SHOWN = 15
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def dataset_warnings(
 def near_duplicate_pairs(
     hashes: list[tuple[str, int]], max_bits: int = NEAR_DUPLICATE_BITS
 ) -> list[tuple[str, str]]:
-    """Pairs of names whose 64-bit perceptual hashes differ in at most ``max_bits`` bits."""
+    """Pairs of names whose 128-bit perceptual hashes differ in at most ``max_bits`` bits."""
     pairs = []
     for i, (name_a, hash_a) in enumerate(hashes):
         for name_b, hash_b in hashes[i + 1 :]:
@@ -381,7 +382,10 @@ def _report_lines(report: DatasetReport) -> list[str]:
             *(f"  - {p['message']}" for p in report.problems),
         ]
     if report.notes:
-        lines += ["", "Notes:", *(f"  - {note}" for note in report.notes)]
+        shown = report.notes[:MAX_NOTES_SHOWN]
+        lines += ["", "Notes:", *(f"  - {note}" for note in shown)]
+        if len(report.notes) > len(shown):
+            lines.append(f"  - ... and {len(report.notes) - len(shown)} more (see the JSON report)")
     if report.tag_frequency:
         top = list(report.tag_frequency.items())[:20]
         lines += ["", "Most frequent tags: " + ", ".join(f"{tag} ({n})" for tag, n in top)]

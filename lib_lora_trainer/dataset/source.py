@@ -166,12 +166,18 @@ class BucketedBatchSource:
 
     def _cropped(self, planned: PlannedImage, data: bytes) -> Image.Image:
         try:
-            loaded = load_image(planned.record.path, data=data, background=self.settings.background)
+            loaded = load_image(
+                planned.record.path,
+                data=data,
+                background=self.settings.background,
+                draft_size=planned.choice.resized,
+            )
         except ImageLoadError as error:
             raise DatasetError([f"{error} (it was readable when the dataset was scanned)"]) from error
-        if loaded.image.size != (planned.record.width, planned.record.height):
+        scanned_aspect = planned.record.width / planned.record.height
+        if abs(loaded.image.width / loaded.image.height - scanned_aspect) > 0.02 * scanned_aspect:
             raise DatasetError(
-                [f"{planned.record.path.name} changed size since the dataset was scanned; scan it again"]
+                [f"{planned.record.path.name} changed shape since the dataset was scanned; scan it again"]
             )
         return crop_to_bucket(loaded.image, planned.choice, face_finder=self.face_finder).image
 

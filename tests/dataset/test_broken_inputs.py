@@ -161,6 +161,8 @@ def test_conversions_give_correct_pixels(corpus: Path):
     # orientation 6 = stored rotated 90° counter-clockwise; upright, the stored top-left is top-right
     assert np.abs(rotated[10, -10] - np.array(RED_CORNER)).max() <= 40
     assert np.abs(rotated[10, 10] - np.array(RED_CORNER)).max() > 40
+    drafted = load_image(corpus / "exif_rotated.jpg", draft_size=(150, 200)).image
+    assert drafted.size == (150, 200)  # reduced-scale decoding respects the EXIF rotation too
 
 
 def test_bomb_and_truncation_refused_even_when_the_host_relaxes_pil(corpus: Path, monkeypatch):

@@ -16,6 +16,7 @@ from lib_lora_trainer.dataset import (
     DatasetError,
     build_batch_source,
     load_image,
+    preview_crop,
     scan_dataset,
 )
 from lib_lora_trainer.dataset.base import pil_to_pixels
@@ -241,3 +242,22 @@ def test_pixels_given_to_the_encoder_are_the_crop(tmp_path: Path):
 
 def source_choice(config, folder):
     return build_batch_source(config, scan_dataset(config)).plan.images[0].choice
+
+
+def test_big_jpegs_are_decoded_reduced_and_the_preview_is_exactly_what_is_encoded(tmp_path: Path):
+    folder = tmp_path / "set"
+    save_photo(folder / "big.jpg", 2400, 1800, seed=6)
+    config = config_for(folder, flat_repeats=1)
+    seen = []
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        seen.append(pixels.clone())
+        return PoolingEncoder()(pixels)
+
+    build_batch_source(config, scan_dataset(config)).prepare(encode)
+
+    preview = preview_crop(folder / "big.jpg", config)
+    assert torch.equal(seen[0][0], pil_to_pixels(preview))
+    full_decode = crop_to_bucket(load_image(folder / "big.jpg").image, source_choice(config, folder)).image
+    difference = np.abs(np.asarray(preview, dtype=np.int16) - np.asarray(full_decode, dtype=np.int16))
+    assert difference.mean() < 2.0  # reduced-scale decoding is visually the same

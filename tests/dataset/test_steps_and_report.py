@@ -174,3 +174,19 @@ def test_report_lists_left_out_files(tmp_path: Path):
     assert [p["file"] for p in report.problems] == ["broken.png"]
     assert "Left out (1 file(s)):" in report.text() and "broken.png" in report.text()
     assert report.subsets[0].image_count == 4
+
+
+def test_regularisation_folder_in_kohya_layout_is_detected(tmp_path: Path):
+    make_folder(tmp_path / "train", 4, caption="ohwx")
+    make_folder(tmp_path / "reg" / "2_woman", 3, start_seed=300)  # no captions: the class token is used
+    (tmp_path / "reg" / "not_a_subset").mkdir()
+    config = config_for(tmp_path / "train", flat_repeats=5, reg_data_dir=str(tmp_path / "reg"))
+
+    dataset = scan_dataset(config)
+    report = build_report(dataset, config)
+
+    assert [s.name for s in dataset.reg_subsets] == ["2_woman"]
+    assert {r.caption for r in dataset.reg_subsets[0].images} == {"woman"}
+    assert report.ss_reg_dataset_dirs == {"2_woman": {"n_repeats": 2, "img_count": 3}}
+    assert report.num_reg_images == 6 and report.reg_samples_per_epoch == 20
+    assert any("not_a_subset is ignored" in note for note in dataset.notes)

@@ -164,13 +164,18 @@ class CaptionEditor:
         text = read_caption_file(caption_path)
         return CaptionedImage(image, caption_path, text.text, True, text.problem)
 
-    def _own_image(self, image: str | Path) -> Path:
+    def _own_image(self, image: str | Path, known: set[Path] | None = None) -> Path:
         path = Path(image)
         if not path.is_absolute():
             path = self.root / path
-        if path.resolve() not in {p.resolve() for p in self.image_paths()}:
+        if known is None:
+            known = self._known_images()
+        if path.resolve() not in known:
             raise CaptionEditError(f"{path.name} is not an image of this dataset")
         return path
+
+    def _known_images(self) -> set[Path]:
+        return {path.resolve() for path in self.image_paths()}
 
     def _bulk_edit(
         self,
@@ -179,7 +184,11 @@ class CaptionEditor:
         images: Iterable[str | Path] | None,
     ) -> EditResult:
         """Apply ``edit`` to the tags of every caption file (images without one are not touched)."""
-        targets = self.images() if images is None else [self._captioned(self._own_image(i)) for i in images]
+        if images is None:
+            targets = self.images()
+        else:
+            known = self._known_images()
+            targets = [self._captioned(self._own_image(image, known)) for image in images]
         entries, changed = [], []
         uncaptioned = 0
         for item in targets:

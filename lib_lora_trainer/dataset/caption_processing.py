@@ -33,13 +33,19 @@ def has_tag(caption: str, tag: str) -> bool:
 
 
 def put_trigger_first(caption: str, trigger_word: str) -> str:
-    """``caption`` with ``trigger_word`` as its first tag (moved there if present elsewhere)."""
-    trigger = trigger_word.strip()
-    if not trigger:
-        return join_tags(split_tags(caption))
-    key = tag_key(trigger)
-    rest = [tag for tag in split_tags(caption) if tag_key(tag) != key]
-    return join_tags([trigger, *rest])
+    """``caption`` with ``trigger_word`` as its first tag (moved there if present elsewhere).
+
+    A trigger written as several tags ("ohwx, woman") puts all of them first, in that order.
+    """
+    trigger_tags = split_tags(trigger_word)
+    keys = {tag_key(tag) for tag in trigger_tags}
+    rest = [tag for tag in split_tags(caption) if tag_key(tag) not in keys]
+    return join_tags([*trigger_tags, *rest])
+
+
+def has_trigger(caption: str, trigger_word: str) -> bool:
+    """True when every tag of ``trigger_word`` is in ``caption``."""
+    return all(has_tag(caption, tag) for tag in split_tags(trigger_word))
 
 
 def count_tags(captions: Iterable[str]) -> dict[str, int]:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lib_lora_trainer.config import TrainingConfig
-from lib_lora_trainer.dataset.caption_processing import count_tags, has_tag
+from lib_lora_trainer.dataset.caption_processing import count_tags, has_trigger
 from lib_lora_trainer.dataset.images import LOW_RESOLUTION_SIDE
 from lib_lora_trainer.dataset.plan import EpochPlan, plan_epoch
 from lib_lora_trainer.dataset.scan import ImageRecord, ScannedDataset, Subset
@@ -273,7 +273,7 @@ def _captions_without_trigger(dataset: ScannedDataset, config: TrainingConfig) -
     lacking = [
         (s, r)
         for s, r in _train_records(dataset)
-        if r.caption_file is not None and not has_tag(r.caption, trigger)
+        if r.caption_file is not None and not has_trigger(r.caption, trigger)
     ]
     if not lacking:
         return None

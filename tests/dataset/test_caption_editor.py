@@ -68,6 +68,9 @@ def test_bulk_tag_edits_and_frequency(folder: Path):
     assert editor.tag_frequency() == {"ohwx": 3, "auburn hair": 2, "café": 1, "outdoors": 1, "smiling": 1}
     assert (folder / "a.txt").read_text(encoding="utf-8") == "ohwx, auburn hair, smiling\n"
 
+    only_a = editor.add_tag("solo", images=["a.png", folder / "c.png"])
+    assert [p.name for p in only_a.changed] == ["a.txt"]  # c.png has no caption file: not touched
+
     with pytest.raises(CaptionEditError, match="comma"):
         editor.add_tag("a, b")
     with pytest.raises(CaptionEditError, match="empty"):

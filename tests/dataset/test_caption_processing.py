@@ -8,6 +8,7 @@ from lib_lora_trainer.dataset.caption_processing import (
     CaptionAugmentation,
     augment_caption,
     count_tags,
+    has_trigger,
     put_trigger_first,
     split_tags,
 )
@@ -18,6 +19,8 @@ def test_trigger_word_goes_first_once():
     assert put_trigger_first("1girl, OHWX , smiling", "ohwx") == "ohwx, 1girl, smiling"  # moved, not doubled
     assert put_trigger_first("", "ohwx") == "ohwx"
     assert put_trigger_first(" 1girl ,, smiling ", "") == "1girl, smiling"
+    assert put_trigger_first("woman, smiling, ohwx", "ohwx, woman") == "ohwx, woman, smiling"
+    assert has_trigger("woman, smiling, OHWX", "ohwx, woman") and not has_trigger("woman", "ohwx, woman")
 
 
 def test_without_augmentation_the_caption_is_untouched():

@@ -150,6 +150,18 @@ def test_colour_augmentation_encodes_every_step_and_says_so(tmp_path: Path):
     assert encoder.images_encoded == 10
 
 
+def test_latent_caching_off_encodes_every_step(tmp_path: Path):
+    config = config_for(tmp_path, cache_latents=False, batch_size=2, **mixed_dataset(tmp_path))
+    source, encoder = prepared(config)
+
+    assert encoder.calls == 0
+    assert source.warnings == ["Latent caching is off: every step encodes its images with the VAE (slower)"]
+    for epoch in range(2):
+        batches = list(source.epoch(epoch, random.Random(epoch)))
+        assert all(batch.latents.shape[0] == len(batch.captions) for batch in batches)
+    assert encoder.calls == 2 * source.batches_per_epoch() and encoder.images_encoded == 2 * 10
+
+
 def test_colour_augmentation_is_weak_and_occasional():
     pixels = np.asarray(photo(64, 64, seed=4))
     rng = random.Random(0)

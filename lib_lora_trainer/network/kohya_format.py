@@ -11,16 +11,17 @@ hash from the header instead of hashing the file.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import safetensors
 import safetensors.torch
@@ -58,6 +59,22 @@ BASE_MODEL_VERSION = "sd_v1"
 MODELSPEC_ARCHITECTURE = "stable-diffusion-v1/lora"
 LEGACY_HASH_OFFSET = 0x100000
 LEGACY_HASH_LENGTH = 0x10000
+
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+def _log_refusals(function: _Function) -> _Function:
+    """Log every refusal (bad file, bad input, existing file) before the caller sees the exception."""
+
+    @functools.wraps(function)
+    def logged(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except (ValueError, TypeError, OSError) as error:
+            logger.warning("%s: %s", function.__name__, error)
+            raise
+
+    return logged  # type: ignore[return-value]
 
 
 @dataclass
@@ -127,6 +144,7 @@ def merge_into_weight(
 # --------------------------------------------------------------------------------------------
 
 
+@_log_refusals
 def save_kohya_lora(
     path: str | Path,
     modules: Mapping[str, LoraModuleWeights],
@@ -209,6 +227,7 @@ def safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
 # --------------------------------------------------------------------------------------------
 
 
+@_log_refusals
 def load_kohya_lora(
     path: str | Path, *, dtype: torch.dtype = torch.float32
 ) -> tuple[dict[str, LoraModuleWeights], dict[str, str]]:
@@ -250,7 +269,7 @@ def _group_by_stem(file_name: str, tensors: Mapping[str, torch.Tensor]) -> dict[
         if part in (DOWN_SUFFIX, UP_SUFFIX, ALPHA_SUFFIX):
             groups.setdefault(stem, {})[part] = tensor
             continue
-        other = next((kind for prefixes, kind in _OTHER_NETWORK_PARTS if part.startswith(prefixes)), None)
+        other = _other_network_type(stem, part)
         if other:
             raise ValueError(f"{file_name} is a {other} network ({key}); only LoRA/LoCon files can be loaded")
         unknown.append(key)
@@ -263,6 +282,12 @@ def _group_by_stem(file_name: str, tensors: Mapping[str, torch.Tensor]) -> dict[
     if not any(DOWN_SUFFIX in parts for parts in groups.values()):
         raise ValueError(f"{file_name} holds no LoRA weights (no '<name>.lora_down.weight' keys)")
     return groups
+
+
+def _other_network_type(stem: str, part: str) -> str | None:
+    if not stem.startswith(("lora_", "oft_")):
+        return None
+    return next((kind for prefixes, kind in _OTHER_NETWORK_PARTS if part.startswith(prefixes)), None)
 
 
 def _module_from_parts(

@@ -1,0 +1,179 @@
+"""A host over plain ldm/transformers modules, outside any WebUI: tests, benchmarks, headless runs.
+
+It does for bare modules what the A1111 host does for ``shared.sd_model``: freeze, patch attention
+and checkpointing for the session, and restore every flag afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lib_lora_trainer.model.host import (
+    BaseModelInfo,
+    HostOptions,
+    HostRefused,
+    autocast_for,
+    frozen_parameters,
+)
+from lib_lora_trainer.model.ldm_parts import (
+    SD15_SCALE_FACTOR,
+    gradient_checkpointing,
+    sd_alphas_cumprod,
+    sdp_attention,
+)
+
+Tokenizer = Callable[[Sequence[str]], torch.Tensor]
+
+
+class HashTokenizer:
+    """Words to ids by a stable hash, padded to 77 like CLIP: stands in for CLIP's BPE where no
+    tokenizer files exist (tests, random-weight benchmarks). Real runs inside A1111 use A1111's own."""
+
+    def __init__(self, vocab_size: int, length: int = 77):
+        self.vocab_size = vocab_size
+        self.length = length
+        self.bos, self.eos = vocab_size - 2, vocab_size - 1
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        rows = []
+        for caption in captions:
+            words = re.findall(r"\w+|[^\w\s]", caption.lower())[: self.length - 2]
+            ids = [int.from_bytes(hashlib.sha1(w.encode()).digest()[:4], "little") % self.bos for w in words]
+            row = [self.bos, *ids, self.eos]
+            rows.append(row + [self.eos] * (self.length - len(row)))
+        return torch.tensor(rows, dtype=torch.long)
+
+
+class StandaloneHost:
+    """A :class:`~lib_lora_trainer.model.host.TrainingHost` over bare modules."""
+
+    def __init__(
+        self,
+        *,
+        unet: nn.Module,
+        text_encoder: nn.Module,
+        vae: nn.Module,
+        tokenizer: Tokenizer,
+        device: torch.device | str = "cpu",
+        scale_factor: float = SD15_SCALE_FACTOR,
+        alphas_cumprod: torch.Tensor | None = None,
+        parameterization: str = "eps",
+        use_sdp_attention: bool = True,
+        model_info: BaseModelInfo | None = None,
+    ):
+        self.device = torch.device(device)
+        self._unet = unet
+        self._text_encoder = text_encoder
+        self._vae = vae
+        self._tokenizer = tokenizer
+        self._scale_factor = scale_factor
+        self._alphas = (alphas_cumprod if alphas_cumprod is not None else sd_alphas_cumprod()).float()
+        self._parameterization = parameterization
+        self._use_sdp = use_sdp_attention
+        self._model_info = model_info or BaseModelInfo(name="standalone")
+        self._clip_skip = 1
+        self._in_session = False
+
+    # --- session ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def session(self, options: HostOptions) -> Iterator[None]:
+        if self._in_session:
+            raise HostRefused("a training session is already running on this model")
+        layers = self._text_encoder.config.num_hidden_layers
+        if not 1 <= options.clip_skip <= layers:
+            raise HostRefused(f"clip skip {options.clip_skip} is outside 1..{layers} for this text encoder")
+        modules = (self._unet, self._text_encoder, self._vae)
+        training_flags = [(m, m.training) for root in modules for m in root.modules()]
+        self._in_session = True
+        self._clip_skip = options.clip_skip
+        try:
+            with (
+                frozen_parameters(*modules),
+                sdp_attention(self._unet, self._use_sdp),
+                gradient_checkpointing(self._unet, options.gradient_checkpointing),
+            ):
+                for root in modules:
+                    root.eval()  # no dropout in the frozen base; adapters have none either
+                yield
+        finally:
+            for module, flag in training_flags:
+                module.training = flag
+            self._clip_skip = 1
+            self._in_session = False
+
+    # --- model access -------------------------------------------------------------------------------
+    def unet(self) -> nn.Module:
+        return self._unet
+
+    def text_encoder(self) -> nn.Module:
+        return self._text_encoder
+
+    def parameterization(self) -> str:
+        return self._parameterization
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._alphas.to(self.device)
+
+    def base_model_info(self) -> BaseModelInfo:
+        return self._model_info
+
+    def autocast(self, mixed_precision: str) -> contextlib.AbstractContextManager[None]:
+        return autocast_for(self.device, mixed_precision)
+
+    # --- compute ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae_dtype = next(self._vae.parameters()).dtype
+        posterior = self._vae.encode(pixels.to(self.device, vae_dtype))
+        return (posterior.sample() * self._scale_factor).float()
+
+    def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
+        ids = self._tokenizer(captions).to(self.device)
+        if self._clip_skip == 1:
+            return self._text_encoder(input_ids=ids).last_hidden_state
+        hidden = self._text_encoder(input_ids=ids, output_hidden_states=True).hidden_states[-self._clip_skip]
+        return self._text_encoder.text_model.final_layer_norm(hidden)
+
+    def predict(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
+    ) -> torch.Tensor:
+        return self._unet(noisy_latents, timesteps, context=cond)
+
+
+def build_random_host(size: str = "tiny", *, device: str = "cpu", seed: int = 0) -> StandaloneHost:
+    """A host over randomly initialised ldm/CLIP modules: ``"tiny"`` (tests) or ``"sd15"`` (full size).
+
+    The layers ldm zero-initialises get random values, as a trained checkpoint would have, so the
+    UNet's output and every adapter's gradient are non-zero.
+    """
+    from lib_lora_trainer.model import ldm_parts
+
+    shapes = {
+        "tiny": (ldm_parts.TINY_UNET_CONFIG, ldm_parts.TINY_VAE_CONFIG, ldm_parts.TINY_TEXT_ENCODER),
+        "sd15": (ldm_parts.SD15_UNET_CONFIG, ldm_parts.SD15_VAE_CONFIG, ldm_parts.SD15_TEXT_ENCODER),
+    }
+    if size not in shapes:
+        raise ValueError(f"unknown model size {size!r}; use one of {sorted(shapes)}")
+    unet_config, vae_config, text_shape = shapes[size]
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    unet = ldm_parts.build_unet(unet_config)
+    ldm_parts.reinitialise_zero_layers(unet, generator)
+    text_encoder = ldm_parts.build_text_encoder(text_shape)
+    vae = ldm_parts.build_vae(vae_config)
+    for module in (unet, text_encoder, vae):
+        module.to(device).eval()
+    return StandaloneHost(
+        unet=unet,
+        text_encoder=text_encoder,
+        vae=vae,
+        tokenizer=HashTokenizer(text_shape.vocab_size),
+        device=device,
+        model_info=BaseModelInfo(name=f"random-{size}-seed{seed}"),
+    )

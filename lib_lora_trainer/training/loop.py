@@ -1,0 +1,442 @@
+"""The training loop: one LoRA, trained on a host's live model, saved after every epoch.
+
+Reading order: :func:`train` checks everything that can be checked before the model is touched, then
+opens the host session, attaches the adapters and hands over to :class:`_Run`, whose ``execute`` is
+the loop itself. Leaving :func:`train` by any path (success, interrupt, NaN, exception) detaches the
+adapters and lets the host restore its model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lib_lora_trainer.config import ConfigError, TrainingConfig, ensure_valid, validate_for_dataset
+from lib_lora_trainer.dataset.base import BatchSource, TrainingBatch
+from lib_lora_trainer.model.host import HostOptions, TrainingHost
+from lib_lora_trainer.network import kohya_format
+from lib_lora_trainer.network.adapters import (
+    AdapterSpec,
+    AttachedAdapters,
+    attached_adapters,
+    plan_targets,
+    targets_from_weights,
+)
+from lib_lora_trainer.training.optim import (
+    ParamGroup,
+    build_optimizer,
+    build_scheduler,
+    check_optimizer_available,
+    current_learning_rates,
+    describe_optimizer,
+)
+
+log = logging.getLogger(__name__)
+
+# The loss is read back to the CPU once per this many steps (and at every epoch end): reading it every
+# step would make the CPU wait for the GPU each step.
+LOSS_READ_INTERVAL = 10
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    batches_per_epoch: int
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int
+    epochs: int
+    adapted_modules: int
+    trainable_parameters: int
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    step: int  # optimizer steps done
+    total_steps: int
+    epoch: int  # 1-based
+    epochs: int
+    learning_rates: dict[str, float]
+    new_losses: list[tuple[int, float]]  # (step, loss) pairs read back since the last report
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class EpochSaved:
+    epoch: int
+    step: int
+    mean_loss: float
+    path: Path
+
+
+@dataclass
+class TrainingResult:
+    status: str  # "completed", "interrupted" or "stopped_nonfinite_loss"
+    message: str
+    epochs: list[EpochSaved] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # per optimizer-step micro-batch loss, in order
+    plan: TrainingPlan | None = None
+
+
+class TrainingCallbacks:
+    """Hooks the UI (or a test) uses to follow and steer a run. Every method is optional."""
+
+    def on_start(self, plan: TrainingPlan) -> None: ...
+
+    def on_step(self, progress: StepProgress) -> None: ...
+
+    def on_epoch_saved(self, saved: EpochSaved) -> None: ...
+
+    def should_stop(self) -> bool:
+        return False
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What the dataset layer knows that goes into the file's ss_* metadata."""
+
+    dataset_dirs: dict[str, dict[str, int]] = field(
+        default_factory=dict
+    )  # {"10_alice": {"n_repeats": 10, ...}}
+    reg_dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
+    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)  # {"10_alice": {"tag": count}}
+    bucket_info: dict[str, Any] | None = None
+
+
+def train(
+    host: TrainingHost,
+    config: TrainingConfig,
+    source: BatchSource,
+    callbacks: TrainingCallbacks | None = None,
+    *,
+    dataset_facts: DatasetFacts | None = None,
+    image_count: int | None = None,
+) -> TrainingResult:
+    """Train one LoRA as ``config`` says; every epoch file lands in ``config.output_dir``."""
+    callbacks = callbacks or TrainingCallbacks()
+    ensure_valid(config, need_dataset=False)
+    problems = validate_for_dataset(config, image_count) if image_count is not None else []
+    if problems:
+        raise ConfigError(problems)
+    check_optimizer_available(config)
+    output_dir = Path(config.output_dir or ".")
+    _refuse_existing_outputs(output_dir, config)
+    initial_weights = _load_initial_weights(config)
+
+    torch.manual_seed(config.seed)
+    options = HostOptions(
+        train_text_encoder=_trains_text_encoder(config),
+        gradient_checkpointing=config.gradient_checkpointing,
+        clip_skip=config.clip_skip,
+        mixed_precision=config.mixed_precision,
+    )
+    with host.session(options):
+        log.info("caching latents for %d batches per epoch", source.batches_per_epoch())
+        source.prepare(host.encode_images)
+        unet, text_encoder = host.unet(), host.text_encoder()
+        targets = _targets(config, unet, text_encoder, initial_weights)
+        with attached_adapters(unet, text_encoder, targets) as adapters:
+            if initial_weights:
+                adapters.load(initial_weights)
+            run = _Run(host, config, source, adapters, callbacks, output_dir, dataset_facts or DatasetFacts())
+            return run.execute()
+
+
+def _trains_text_encoder(config: TrainingConfig) -> bool:
+    relative = config.optimizer == "Adafactor" and config.adafactor_relative_step
+    return config.train_text_encoder and (config.text_encoder_lr > 0 or relative)
+
+
+def _refuse_existing_outputs(output_dir: Path, config: TrainingConfig) -> None:
+    clashes = [
+        output_dir / kohya_format.epoch_file_name(config.output_name, epoch)
+        for epoch in range(1, config.epochs + 1)
+        if (output_dir / kohya_format.epoch_file_name(config.output_name, epoch)).exists()
+    ]
+    if clashes:
+        raise ConfigError(
+            [
+                f"{clashes[0].name} already exists in {output_dir}; "
+                "choose another output name (nothing is overwritten)"
+            ]
+        )
+
+
+def _load_initial_weights(config: TrainingConfig) -> dict[tuple[str, str], kohya_format.LoraModuleWeights]:
+    if not config.network_weights:
+        return {}
+    path = Path(config.network_weights)
+    if not path.is_file():
+        raise ConfigError([f"the LoRA to continue from, {path}, does not exist"])
+    modules, _ = kohya_format.load_kohya_lora(path)
+    return {kohya_format.module_name_from_kohya(stem): weights for stem, weights in modules.items()}
+
+
+def _targets(config, unet, text_encoder, initial_weights):
+    if initial_weights:
+        # Continue with the file's own layout: its ranks and alphas, and only its modules.
+        targets = targets_from_weights(initial_weights)
+        if not _trains_text_encoder(config):
+            targets = [t for t in targets if t.component == "unet"]
+            for key in [k for k in initial_weights if k[0] == "text_encoder"]:
+                del initial_weights[key]
+        return targets
+    spec = AdapterSpec(
+        network_dim=config.network_dim,
+        network_alpha=config.network_alpha,
+        locon=config.network_type == "locon",
+        conv_dim=config.conv_dim,
+        conv_alpha=config.conv_alpha,
+        train_text_encoder=_trains_text_encoder(config),
+    )
+    return plan_targets(unet, text_encoder, spec)
+
+
+class _Run:
+    """The state of one run once the model is prepared and adapters are attached."""
+
+    def __init__(
+        self,
+        host: TrainingHost,
+        config: TrainingConfig,
+        source: BatchSource,
+        adapters: AttachedAdapters,
+        callbacks: TrainingCallbacks,
+        output_dir: Path,
+        dataset_facts: DatasetFacts,
+    ):
+        self.host, self.config, self.source = host, config, source
+        self.adapters, self.callbacks, self.output_dir = adapters, callbacks, output_dir
+        self.dataset_facts = dataset_facts
+        self.device = host.device
+        self.alphas_cumprod = host.alphas_cumprod().float()
+        configured = config.parameterization
+        self.parameterization = host.parameterization() if configured == "auto" else configured
+        self.train_text_encoder = _trains_text_encoder(config)
+
+        self.unet_params = adapters.parameters("unet")
+        self.text_params = adapters.parameters("text_encoder") if self.train_text_encoder else []
+        self.trainable = self.unet_params + self.text_params
+        groups = [ParamGroup("unet", self.unet_params, config.unet_lr)]
+        if self.text_params:
+            groups.append(ParamGroup("text_encoder", self.text_params, config.text_encoder_lr))
+        self.optimizer = build_optimizer(config, groups, self.device)
+
+        batches = source.batches_per_epoch()
+        steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
+        self.plan = TrainingPlan(
+            batches_per_epoch=batches,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=steps_per_epoch * config.epochs,
+            epochs=config.epochs,
+            adapted_modules=len(adapters.targets),
+            trainable_parameters=sum(p.numel() for p in self.trainable),
+        )
+        self.scheduler = build_scheduler(config, self.optimizer, self.plan.total_steps)
+        use_scaler = config.mixed_precision == "fp16" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.cond_cache = self._cache_conditioning()
+        self.rng = random.Random(config.seed)
+        self.session_id = uuid.uuid4().int % 2**31
+        self.started_at = time.time()
+
+        self.step = 0
+        self.pending_losses: list[tuple[int, torch.Tensor]] = []
+        self.losses: list[float] = []
+        self.epoch_losses: list[float] = []
+        self.saved: list[EpochSaved] = []
+
+    # --- the loop -----------------------------------------------------------------------------------
+    def execute(self) -> TrainingResult:
+        self.callbacks.on_start(self.plan)
+        log.info(
+            "training %s: %d epochs x %d steps, %d adapted modules, %d trainable parameters",
+            self.config.output_name,
+            self.plan.epochs,
+            self.plan.steps_per_epoch,
+            self.plan.adapted_modules,
+            self.plan.trainable_parameters,
+        )
+        try:
+            for epoch in range(1, self.config.epochs + 1):
+                if not self._train_epoch(epoch):
+                    return self._result("interrupted", f"Interrupted during epoch {epoch}.")
+                self._finish_epoch(epoch)
+        except NonFiniteLoss as error:
+            return self._result("stopped_nonfinite_loss", str(error))
+        return self._result("completed", f"Trained {self.config.epochs} epochs, {self.step} steps.")
+
+    def _train_epoch(self, epoch: int) -> bool:
+        """One pass over the data; False when the user interrupted it."""
+        self.epoch_losses = []
+        accumulation = self.config.gradient_accumulation_steps
+        batches = self.plan.batches_per_epoch
+        for index, batch in enumerate(self.source.epoch(epoch - 1, self.rng)):
+            if self.callbacks.should_stop():
+                return False
+            loss = self._loss(batch)
+            self.pending_losses.append((self.step + 1, loss.detach()))
+            self._backward(loss / accumulation)
+            if (index + 1) % accumulation == 0 or index + 1 == batches:
+                self._optimizer_step()
+                self.step += 1
+                self._report(epoch)
+        return not self.callbacks.should_stop()
+
+    def _loss(self, batch: TrainingBatch) -> torch.Tensor:
+        latents = batch.latents.to(self.device, torch.float32, non_blocking=True)
+        cond = self._conditioning(batch.captions)
+        noise = torch.randn_like(latents)
+        if self.config.noise_offset:
+            noise = noise + self.config.noise_offset * torch.randn(
+                latents.shape[0], latents.shape[1], 1, 1, device=self.device
+            )
+        timesteps = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), device=self.device)
+        alpha_bar = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+        with self.host.autocast(self.config.mixed_precision):
+            prediction = self.host.predict(noisy, timesteps, cond)
+        if self.parameterization == "v":
+            target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+        else:
+            target = noise
+        per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        weights = batch.loss_weights.to(self.device, torch.float32)
+        if self.config.min_snr_gamma > 0:
+            weights = weights * self._min_snr_weights(alpha_bar.view(-1))
+        return (per_sample * weights).mean()
+
+    def _min_snr_weights(self, alpha_bar: torch.Tensor) -> torch.Tensor:
+        snr = alpha_bar / (1 - alpha_bar)
+        clipped = torch.clamp(snr, max=self.config.min_snr_gamma)
+        return clipped / (snr + 1) if self.parameterization == "v" else clipped / snr
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # --- conditioning -------------------------------------------------------------------------------
+    def _cache_conditioning(self) -> dict[str, torch.Tensor]:
+        """With a frozen text encoder and fixed captions, each caption is encoded once for the run."""
+        if self.train_text_encoder or self.source.captions_vary():
+            return {}
+        cache = {}
+        with torch.no_grad(), self.host.autocast(self.config.mixed_precision):
+            for caption in self.source.captions():
+                cache[caption] = self.host.encode_text([caption])[0]
+        return cache
+
+    def _conditioning(self, captions: Sequence[str]) -> torch.Tensor:
+        cached = [self.cond_cache.get(caption) for caption in captions]
+        if cached and all(c is not None for c in cached) and len({c.shape for c in cached}) == 1:
+            return torch.stack(cached)
+        with torch.set_grad_enabled(self.train_text_encoder), self.host.autocast(self.config.mixed_precision):
+            return self.host.encode_text(list(captions))
+
+    # --- reporting and saving -----------------------------------------------------------------------
+    def _read_losses(self) -> list[tuple[int, float]]:
+        """Bring pending losses to the CPU in one transfer; stop on the first non-finite one."""
+        if not self.pending_losses:
+            return []
+        values = torch.stack([loss for _, loss in self.pending_losses]).float().cpu().tolist()
+        read = [(step, value) for (step, _), value in zip(self.pending_losses, values, strict=True)]
+        self.pending_losses = []
+        for step, value in read:
+            if not math.isfinite(value):
+                last = self.saved[-1].path.name if self.saved else "none yet"
+                raise NonFiniteLoss(
+                    f"The loss became {value} at step {step}; training stopped. The last good epoch file is "
+                    f"{last}. Lower the learning rate or alpha, or train in bf16/fp32 instead of fp16."
+                )
+        self.losses += [value for _, value in read]
+        self.epoch_losses += [value for _, value in read]
+        return read
+
+    def _report(self, epoch: int) -> None:
+        due = self.step % LOSS_READ_INTERVAL == 0 or self.step == self.plan.total_steps
+        new_losses = self._read_losses() if due else []
+        self.callbacks.on_step(
+            StepProgress(
+                step=self.step,
+                total_steps=self.plan.total_steps,
+                epoch=epoch,
+                epochs=self.plan.epochs,
+                learning_rates=current_learning_rates(self.optimizer, self.scheduler),
+                new_losses=new_losses,
+                elapsed_s=time.time() - self.started_at,
+            )
+        )
+
+    def _finish_epoch(self, epoch: int) -> None:
+        self._read_losses()
+        last = epoch == self.config.epochs
+        if epoch % self.config.save_every_n_epochs and not last:
+            return
+        mean_loss = sum(self.epoch_losses) / max(1, len(self.epoch_losses))
+        path = self.output_dir / kohya_format.epoch_file_name(self.config.output_name, epoch)
+        modules = {
+            kohya_format.kohya_name(component, name): weights
+            for (component, name), weights in self.adapters.export().items()
+        }
+        kohya_format.save_kohya_lora(path, modules, self._metadata(epoch), self.config.save_precision)
+        saved = EpochSaved(epoch=epoch, step=self.step, mean_loss=mean_loss, path=path)
+        self.saved.append(saved)
+        log.info("saved epoch %d to %s (mean loss %.4f)", epoch, path, mean_loss)
+        self.callbacks.on_epoch_saved(saved)
+
+    def _metadata(self, epoch: int) -> dict[str, str]:
+        info = self.host.base_model_info()
+        facts = self.dataset_facts
+        run = kohya_format.TrainingRunInfo(
+            num_batches_per_epoch=self.plan.batches_per_epoch,
+            max_train_steps=self.plan.total_steps,
+            dataset_dirs=facts.dataset_dirs,
+            tag_frequency=facts.tag_frequency,
+            bucket_info=facts.bucket_info,
+            reg_dataset_dirs=facts.reg_dataset_dirs,
+            session_id=self.session_id,
+            training_started_at=self.started_at,
+            parameterization=self.parameterization,
+            optimizer=describe_optimizer(self.config),
+            sd_model_name=info.name,
+            sd_model_hash=info.hash_legacy,
+            new_sd_model_hash=info.hash_sha256,
+        )
+        return kohya_format.build_metadata(
+            output_name=self.config.output_name, epoch=epoch, steps=self.step, config=self.config, run=run
+        )
+
+    def _result(self, status: str, message: str) -> TrainingResult:
+        if status != "stopped_nonfinite_loss":
+            with contextlib.suppress(NonFiniteLoss):
+                self._read_losses()
+        log.info("%s", message)
+        return TrainingResult(status, message, list(self.saved), list(self.losses), self.plan)

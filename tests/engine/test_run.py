@@ -1,0 +1,62 @@
+"""The headless entry: a JSON config and a dataset folder in, numbered epoch files out."""
+
+from __future__ import annotations
+
+import json
+
+from lib_lora_trainer.network.kohya_format import load_kohya_lora
+from lib_lora_trainer.training.run import main
+from tests.engine.helpers import make_images, tiny_config
+
+
+def write_dataset(folder, count=4):
+    folder.mkdir(parents=True)
+    for index, image in enumerate(make_images(count, size=80)):
+        image.save(folder / f"photo_{index}.png")
+        (folder / f"photo_{index}.txt").write_text(f"alice, pose {index}", encoding="utf-8")
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_main_trains_from_a_json_config(tmp_path, capsys):
+    write_dataset(tmp_path / "data" / "5_alice")
+    config = tiny_config(
+        tmp_path,
+        train_data_dir=str(tmp_path / "data"),
+        dataset_layout="kohya",
+        epochs=2,
+        trigger_word="alice",
+    )
+    path = tmp_path / "config.json"
+    config.save_json(path)
+    before = snapshot(tmp_path / "data")
+
+    assert main([str(path)]) == 0
+
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "completed"
+    files = sorted(p.name for p in (tmp_path / "Lora").glob("*.safetensors"))
+    assert files == ["alice-000001.safetensors", "alice-000002.safetensors"]
+    _, metadata = load_kohya_lora(tmp_path / "Lora" / files[-1])
+    assert json.loads(metadata["ss_dataset_dirs"]) == {"5_alice": {"n_repeats": 5, "img_count": 4}}
+    assert metadata["ss_output_name"] == "alice-000002" and metadata["ss_epoch"] == "2"
+    assert json.loads(metadata["ss_tag_frequency"])["5_alice"]["alice"] == 4
+    assert snapshot(tmp_path / "data") == before  # user's files untouched
+
+
+def test_main_reports_bad_settings_clearly(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"output_name": "a/b", "network_dim": 0, "train_data_dir": str(tmp_path)}))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "folder separator" in err and "rank" in err
+
+
+def test_main_reports_an_empty_dataset(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    path = tmp_path / "config.json"
+    tiny_config(tmp_path, train_data_dir=str(tmp_path / "empty")).save_json(path)
+    assert main([str(path)]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -37,6 +37,11 @@ class BaseModelInfo:
     name: str = ""
     hash_legacy: str = ""  # A1111's old 8-hex model hash
     hash_sha256: str = ""
+    vae_name: str = ""  # a VAE chosen apart from the checkpoint's own, if any
+
+    def vae_identity(self) -> str:
+        """What the latents depend on: keys the on-disk latent cache."""
+        return f"{self.name}|{self.hash_sha256 or self.hash_legacy}|{self.vae_name}"
 
 
 class TrainingHost(Protocol):

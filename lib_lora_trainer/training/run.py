@@ -58,7 +58,7 @@ def run_training(
     source = build_batch_source(
         config,
         dataset,
-        vae_id=vae_id or host.base_model_info().name,
+        vae_id=vae_id or host.base_model_info().vae_identity(),
         cache_dir=cache_dir,
         face_finder=face_finder,
     )

@@ -79,6 +79,7 @@ class A1111Host:
             name=getattr(info, "model_name", "") or getattr(info, "name", ""),
             hash_legacy=getattr(info, "hash", "") or "",
             hash_sha256=getattr(info, "sha256", "") or "",
+            vae_name=_loaded_vae_name(),
         )
 
     # --- compute ------------------------------------------------------------------------------------
@@ -155,6 +156,14 @@ class A1111Host:
             raise HostRefused(
                 "Inpainting and other special checkpoints cannot be trained; load a plain SD1.5 model."
             )
+
+
+def _loaded_vae_name() -> str:
+    try:
+        from modules import sd_vae
+    except ImportError:
+        return ""
+    return str(getattr(sd_vae, "loaded_vae_file", None) or "")
 
 
 @torch.no_grad()  # restoring a backup is an in-place write to a leaf that may require grad

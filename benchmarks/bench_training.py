@@ -1,0 +1,739 @@
+"""Benchmark the real training step: our loop against a bare reference loop, in the same run.
+
+    python -m benchmarks.bench_training                         # every scenario, full SD1.5, random weights
+    python -m benchmarks.bench_training --cpu-subset            # what finishes in < 20 min on 2 CPU cores
+    python -m benchmarks.bench_training --checkpoint sd15.safetensors --device cuda
+
+For each scenario (resolution x batch size x LoRA rank 32 / LoCon x text encoder trained / frozen) it
+runs ``training.loop.train`` (the code the tab runs) and a bare loop on the same model and adapters
+(forward, backward, optimizer step; no dataset, no callbacks, no logging), and reports the median
+seconds per step after warm-up, their ratio, and peak memory over the loaded model. It also times a
+40-image dataset folder through ``training.run.run_training`` up to the first optimizer step
+(latent caching included). Results go to ``benchmarks/results/<tag>.json`` and ``<tag>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from lib_lora_trainer.config import TrainingConfig
+from lib_lora_trainer.dataset.base import InMemoryBatchSource
+from lib_lora_trainer.model.host import HostOptions
+from lib_lora_trainer.network.adapters import AdapterSpec, attached_adapters, plan_targets
+from lib_lora_trainer.training.loop import TrainingCallbacks, train
+from lib_lora_trainer.training.optim import ParamGroup, build_optimizer
+
+log = logging.getLogger("benchmarks.bench_training")
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RANK, ALPHA, CONV_RANK, CONV_ALPHA = 32, 16.0, 8, 4.0
+UNET_LR, TEXT_ENCODER_LR = 1e-4, 5e-5
+CAPTIONS = (
+    "bench_character, 1girl, red scarf, smiling, outdoors, looking at viewer",
+    "bench_character, 1girl, sitting, indoors, window light, upper body",
+)
+# What --cpu-subset runs: 256 px across every axis but batch, one batch-2 and one 512 px point.
+CPU_SUBSET = (
+    (256, 1, "lora", "frozen"),
+    (256, 1, "lora", "trained"),
+    (256, 1, "locon", "frozen"),
+    (256, 2, "lora", "frozen"),
+    (512, 1, "lora", "frozen"),
+)
+
+
+# --- what is measured ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    resolution: int
+    batch_size: int
+    network: str  # "lora" (rank 32) or "locon" (rank 32, conv rank 8)
+    text_encoder: str  # "frozen" or "trained"
+
+    @property
+    def label(self) -> str:
+        return f"{self.resolution}px b{self.batch_size} {self.network} TE {self.text_encoder}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    mixed_precision: str
+    gradient_checkpointing: bool
+    warmup: int  # steps before timing starts (first-step allocation, kernel selection)
+    steps: int  # timing windows per loop and round
+    window: int  # steps per timing window (the device is synchronised only at window edges)
+    rounds: int  # times each loop runs per scenario, alternating which goes first
+
+    @property
+    def steps_per_run(self) -> int:
+        return self.warmup + self.steps * self.window
+
+
+@dataclass
+class LoopMeasurement:
+    seconds_per_step: list[float] = field(default_factory=list)  # one per timing window
+    peak_bytes: int = 0  # peak memory while the loop ran
+    extra_bytes: int = 0  # peak minus the memory in use before it started (model loaded)
+
+
+@dataclass
+class ScenarioResult:
+    scenario: dict
+    ours: LoopMeasurement
+    bare: LoopMeasurement
+
+    @property
+    def ours_median(self) -> float:
+        return statistics.median(self.ours.seconds_per_step)
+
+    @property
+    def bare_median(self) -> float:
+        return statistics.median(self.bare.seconds_per_step)
+
+    def to_json(self) -> dict:
+        return {
+            **self.scenario,
+            "label": Scenario(**self.scenario).label,
+            "ours_s_per_step": self.ours_median,
+            "bare_s_per_step": self.bare_median,
+            "ratio_ours_over_bare": self.ours_median / self.bare_median,
+            "ours": asdict(self.ours),
+            "bare": asdict(self.bare),
+        }
+
+
+# --- device helpers -----------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class MemoryMeter:
+    """Peak memory between :meth:`reset` and :meth:`peak`: allocated tensors on CUDA, RSS on the CPU.
+
+    On Linux the RSS high-water mark (VmHWM) is reset through ``/proc/self/clear_refs``; where that is
+    not possible the peak is the whole process's (``resource.getrusage``), which ``exact_peak`` says.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.exact_peak = device.type == "cuda" or self._can_reset_rss()
+
+    @staticmethod
+    def _can_reset_rss() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return "VmHWM" in Path("/proc/self/status").read_text()
+        except OSError:
+            return False
+
+    @staticmethod
+    def _status_bytes(field_name: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+        raise OSError(f"{field_name} not in /proc/self/status")
+
+    def current(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        try:
+            return self._status_bytes("VmRSS")
+        except OSError:
+            return 0
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.exact_peak:
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.exact_peak:
+            return self._status_bytes("VmHWM")
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class WindowTimer:
+    """Seconds per step over windows of ``window`` steps, after ``warmup`` steps.
+
+    The device is synchronised only at window edges, so asynchronous GPU work is timed without adding
+    a synchronisation to every step.
+    """
+
+    def __init__(self, device: torch.device, warmup: int, window: int):
+        if warmup < 1 or window < 1:
+            raise ValueError("warm-up and window must each be at least one step")
+        self.device, self.warmup, self.window = device, warmup, window
+        self.steps = 0
+        self.mark = 0.0
+        self.samples: list[float] = []
+
+    def tick(self) -> None:
+        """Call once after each optimizer step."""
+        self.steps += 1
+        if self.steps < self.warmup:
+            return
+        if self.steps > self.warmup and (self.steps - self.warmup) % self.window:
+            return
+        synchronize(self.device)
+        now = time.perf_counter()
+        if self.steps > self.warmup:
+            self.samples.append((now - self.mark) / self.window)
+        self.mark = now
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+
+def base_dtype(device: torch.device, mixed_precision: str) -> torch.dtype:
+    """The frozen model's dtype as the WebUI holds it: fp16 on a GPU (bf16 for bf16 runs), fp32 on a CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+
+
+def auto_mixed_precision(device: torch.device) -> str:
+    return "fp16" if device.type == "cuda" else "no"
+
+
+def build_host(args: argparse.Namespace, device: torch.device, mixed_precision: str):
+    dtype = base_dtype(device, mixed_precision)
+    if args.checkpoint:
+        from benchmarks.checkpoint import load_checkpoint_host
+
+        return load_checkpoint_host(args.checkpoint, device=str(device), dtype=dtype, size=args.model)
+    from lib_lora_trainer.model.standalone import build_random_host
+
+    host = build_random_host(args.model, device=str(device))
+    for module in (host.unet(), host.text_encoder(), host._vae):
+        module.to(dtype)
+    return host
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def model_memory(host, resident_bytes: int) -> dict:
+    parts = {
+        "unet": module_bytes(host.unet()),
+        "text_encoder": module_bytes(host.text_encoder()),
+        "vae": module_bytes(host._vae),
+    }
+    return {
+        "tensor_bytes": parts,
+        "total_tensor_bytes": sum(parts.values()),
+        "resident_bytes": resident_bytes,
+    }
+
+
+# --- the two loops ------------------------------------------------------------------------------
+
+
+def make_picture(width: int, height: int, seed: int) -> Image.Image:
+    """A picture with smooth gradients and shapes (photos compress and decode like this, not like noise)."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
+    start, slope_x, slope_y = rng.uniform(0, 255, (3, 3)).astype(np.float32)
+    pixels = np.clip(start + slope_x * x * 0.5 + slope_y * y * 0.5, 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        cx, cy = rng.integers(0, width), rng.integers(0, height)
+        r = int(rng.integers(min(width, height) // 12, min(width, height) // 4))
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    return image
+
+
+def scenario_config(scenario: Scenario, settings: Settings, output_dir: Path, name: str) -> TrainingConfig:
+    return TrainingConfig(
+        output_name=name,
+        output_dir=str(output_dir),
+        train_data_dir="unused",
+        resolution=scenario.resolution,
+        min_bucket_reso=min(256, scenario.resolution),
+        max_bucket_reso=max(1024, scenario.resolution),
+        network_type=scenario.network,
+        network_dim=RANK,
+        network_alpha=ALPHA,
+        conv_dim=CONV_RANK,
+        conv_alpha=CONV_ALPHA,
+        train_text_encoder=scenario.text_encoder == "trained",
+        unet_lr=UNET_LR,
+        text_encoder_lr=TEXT_ENCODER_LR,
+        optimizer="AdamW",
+        lr_scheduler="constant",
+        epochs=1,
+        batch_size=scenario.batch_size,
+        mixed_precision=settings.mixed_precision,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        save_precision="fp16",
+        seed=1234,
+    )
+
+
+class _TimingCallbacks(TrainingCallbacks):
+    def __init__(self, timer: WindowTimer, on_start: Callable[[], None]):
+        self.timer = timer
+        self._on_start = on_start
+
+    def on_start(self, plan) -> None:
+        self._on_start()
+
+    def on_step(self, progress) -> None:
+        self.timer.tick()
+
+
+def run_ours(
+    host, scenario: Scenario, settings: Settings, meter: MemoryMeter, workdir: Path
+) -> LoopMeasurement:
+    """``training.loop.train`` as the tab runs it, on an in-memory dataset of ``batch_size`` images."""
+    config = scenario_config(scenario, settings, workdir / "ours", f"bench{len(list(workdir.iterdir()))}")
+    items = [
+        (make_picture(scenario.resolution, scenario.resolution, seed), CAPTIONS[seed % len(CAPTIONS)])
+        for seed in range(scenario.batch_size)
+    ]
+    source = InMemoryBatchSource(
+        items, resolution=scenario.resolution, batch_size=scenario.batch_size, repeats=settings.steps_per_run
+    )
+    timer = WindowTimer(settings.device, settings.warmup, settings.window)
+    before = meter.current()
+    # The peak counts from the first step on: caching the source's latents is measured separately.
+    result = train(host, config, source, _TimingCallbacks(timer, meter.reset))
+    peak = meter.peak()
+    if result.status != "completed":
+        raise RuntimeError(f"our loop did not complete: {result.message}")
+    return LoopMeasurement(timer.samples, peak, peak - before)
+
+
+def run_bare(host, scenario: Scenario, settings: Settings, meter: MemoryMeter) -> LoopMeasurement:
+    """The reference: forward, backward, optimizer step on the same model and adapters, nothing else."""
+    device = settings.device
+    trains_text = scenario.text_encoder == "trained"
+    config = scenario_config(scenario, settings, Path("."), "bare")
+    options = HostOptions(
+        train_text_encoder=trains_text,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        mixed_precision=settings.mixed_precision,
+    )
+    spec = AdapterSpec(RANK, ALPHA, scenario.network == "locon", CONV_RANK, CONV_ALPHA, trains_text)
+    timer = WindowTimer(device, settings.warmup, settings.window)
+    before = meter.current()
+    meter.reset()
+    with host.session(options):
+        unet, text_encoder = host.unet(), host.text_encoder()
+        with attached_adapters(unet, text_encoder, plan_targets(unet, text_encoder, spec)) as adapters:
+            groups = [ParamGroup("unet", adapters.parameters("unet"), UNET_LR)]
+            if trains_text:
+                groups.append(
+                    ParamGroup("text_encoder", adapters.parameters("text_encoder"), TEXT_ENCODER_LR)
+                )
+            optimizer = build_optimizer(config, groups, device)
+            scaler = (
+                torch.amp.GradScaler("cuda")
+                if config.mixed_precision == "fp16" and device.type == "cuda"
+                else None
+            )
+            alphas = host.alphas_cumprod().float()
+            side = scenario.resolution // 8
+            latents = torch.randn(scenario.batch_size, 4, side, side, device=device)
+            captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(scenario.batch_size)]
+            with torch.no_grad(), host.autocast(config.mixed_precision):
+                frozen_cond = None if trains_text else host.encode_text(captions)
+            for _ in range(settings.steps_per_run):
+                noise = torch.randn_like(latents)
+                timesteps = torch.randint(0, len(alphas), (latents.shape[0],), device=device)
+                alpha_bar = alphas[timesteps].view(-1, 1, 1, 1)
+                noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+                with host.autocast(config.mixed_precision):
+                    cond = frozen_cond if frozen_cond is not None else host.encode_text(captions)
+                    prediction = host.predict(noisy, timesteps, cond)
+                loss = F.mse_loss(prediction.float(), noise)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                timer.tick()
+    peak = meter.peak()
+    return LoopMeasurement(timer.samples, peak, peak - before)
+
+
+def measure_scenario(host, scenario: Scenario, settings: Settings, meter: MemoryMeter, workdir: Path):
+    ours, bare = LoopMeasurement(), LoopMeasurement()
+    for round_index in range(settings.rounds):
+        order = ("bare", "ours") if round_index % 2 == 0 else ("ours", "bare")
+        for which in order:
+            log.info("%s: %s loop, round %d", scenario.label, which, round_index + 1)
+            if which == "ours":
+                measured, total = run_ours(host, scenario, settings, meter, workdir), ours
+            else:
+                measured, total = run_bare(host, scenario, settings, meter), bare
+            total.seconds_per_step += measured.seconds_per_step
+            total.peak_bytes = max(total.peak_bytes, measured.peak_bytes)
+            total.extra_bytes = max(total.extra_bytes, measured.extra_bytes)
+    result = ScenarioResult(asdict(scenario), ours, bare)
+    log.info(
+        "%s: ours %.3f s/step, bare %.3f s/step, ratio %.3f",
+        scenario.label,
+        result.ours_median,
+        result.bare_median,
+        result.ours_median / result.bare_median,
+    )
+    return result
+
+
+# --- start-up: dataset folder to first optimizer step -------------------------------------------
+
+STARTUP_SIZES = ((768, 1024), (1024, 768), (832, 832), (640, 960))
+
+
+def write_dataset_folder(folder: Path, count: int) -> None:
+    """``count`` JPEG photos-like pictures of several aspect ratios, each with a caption file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        width, height = STARTUP_SIZES[index % len(STARTUP_SIZES)]
+        make_picture(width, height, 1000 + index).save(folder / f"img_{index:03d}.jpg", quality=92)
+        tags = ", ".join(f"tag{(index * 7 + k) % 23}" for k in range(8))
+        (folder / f"img_{index:03d}.txt").write_text(f"bench_character, {tags}\n", encoding="utf-8")
+
+
+class _TimedHost:
+    """Forwards to a host and notes when its session opens and when each image encoding ends."""
+
+    def __init__(self, host):
+        self._host = host
+        self.device = host.device
+        self.session_opened = 0.0
+        self.last_encode_end = 0.0
+        self.images_encoded = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._host, name)
+
+    @contextlib.contextmanager
+    def session(self, options: HostOptions) -> Iterator[None]:
+        with self._host.session(options):
+            self.session_opened = time.perf_counter()
+            yield
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        latents = self._host.encode_images(pixels)
+        synchronize(self.device)
+        self.last_encode_end = time.perf_counter()
+        self.images_encoded += pixels.shape[0]
+        return latents
+
+
+class _FirstStepCallbacks(TrainingCallbacks):
+    def __init__(self):
+        self.started = 0.0
+        self.first_step = 0.0
+
+    def on_start(self, plan) -> None:
+        self.started = time.perf_counter()
+
+    def on_step(self, progress) -> None:
+        if not self.first_step:
+            self.first_step = time.perf_counter()
+
+    def should_stop(self) -> bool:
+        return bool(self.first_step)
+
+
+def measure_startup(
+    host, images: int, resolution: int, settings: Settings, meter: MemoryMeter, workdir: Path
+):
+    """Seconds from calling ``run_training`` on a fresh folder to the end of its first optimizer step."""
+    from lib_lora_trainer.training.run import run_training
+
+    folder = workdir / "startup_dataset"
+    write_dataset_folder(folder, images)
+    scenario = Scenario(resolution, 1, "lora", "frozen")
+    config = scenario_config(scenario, settings, workdir / "startup_out", "startup")
+    config.train_data_dir = str(folder)
+    config.flat_repeats = 1
+    timed = _TimedHost(host)
+    callbacks = _FirstStepCallbacks()
+    before = meter.current()
+    meter.reset()
+    synchronize(settings.device)
+    start = time.perf_counter()
+    result = run_training(timed, config, callbacks)
+    peak = meter.peak()
+    if not callbacks.first_step:
+        raise RuntimeError(f"the start-up run made no step: {result.message}")
+    caching_s = timed.last_encode_end - timed.session_opened
+    return {
+        "images": images,
+        "resolution": resolution,
+        "seconds_to_first_step": callbacks.first_step - start,
+        "scan_and_plan_s": timed.session_opened - start,
+        "latent_caching_s": caching_s,
+        "setup_after_caching_s": callbacks.started - timed.last_encode_end,
+        "first_step_s": callbacks.first_step - callbacks.started,
+        "images_encoded": timed.images_encoded,
+        "caching_images_per_s": timed.images_encoded / caching_s if caching_s > 0 else None,
+        "peak_bytes": peak,
+        "extra_bytes": peak - before,
+    }
+
+
+# --- reporting ----------------------------------------------------------------------------------
+
+
+def _gib(value: float) -> str:
+    return f"{value / 2**30:.2f}"
+
+
+def markdown_report(results: dict) -> str:
+    meta, model = results["meta"], results["model"]
+    memory = "peak allocated (CUDA)" if meta["device"].startswith("cuda") else "peak RSS"
+    checkpointing = "on" if meta["gradient_checkpointing"] else "off"
+    sizes = {name: _gib(value) for name, value in model["tensor_bytes"].items()}
+    lines = [
+        f"# Training benchmark: {meta['model']} on {meta['device_name']}",
+        "",
+        f"torch {meta['torch']}, {meta['threads']} threads, mixed precision `{meta['mixed_precision']}`, "
+        f"base weights {meta['base_dtype']}, gradient checkpointing {checkpointing}, "
+        f"{meta['warmup']} warm-up steps, median of {meta['steps']} windows x {meta['window']} step(s) x "
+        f"{meta['rounds']} round(s). LoRA rank {RANK}/alpha {ALPHA:g}; "
+        f"LoCon adds conv rank {CONV_RANK}/alpha {CONV_ALPHA:g}. Command: `{meta['command']}`",
+        "",
+        f"Loaded model: {_gib(model['total_tensor_bytes'])} GiB of tensors (UNet {sizes['unet']}, "
+        f"text encoder {sizes['text_encoder']}, VAE {sizes['vae']}); "
+        f"{_gib(model['resident_bytes'])} GiB resident after loading.",
+        "",
+        f"| scenario | ours s/step | bare s/step | ours / bare | {memory} GiB | extra over model GiB "
+        "| bare extra GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in results["scenarios"]:
+        lines.append(
+            f"| {row['label']} | {row['ours_s_per_step']:.3f} | {row['bare_s_per_step']:.3f} | "
+            f"{row['ratio_ours_over_bare']:.3f} | {_gib(row['ours']['peak_bytes'])} | "
+            f"{_gib(row['ours']['extra_bytes'])} | {_gib(row['bare']['extra_bytes'])} |"
+        )
+    startup = results.get("startup")
+    if startup:
+        throughput = startup["caching_images_per_s"]
+        lines += [
+            "",
+            f"Start-up, {startup['images']} images at {startup['resolution']} px through `run_training`: "
+            f"**{startup['seconds_to_first_step']:.1f} s to the first optimizer step** "
+            f"(scan and plan {startup['scan_and_plan_s']:.1f} s, "
+            f"latent caching {startup['latent_caching_s']:.1f} s = {throughput:.2f} images/s, "
+            f"setup {startup['setup_after_caching_s']:.1f} s, "
+            f"first step {startup['first_step_s']:.1f} s).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _word_list(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        words = [part.strip() for part in text.split(",") if part.strip()]
+        wrong = [w for w in words if w not in allowed]
+        if wrong:
+            raise argparse.ArgumentTypeError(f"{', '.join(wrong)} not in {', '.join(allowed)}")
+        return words
+
+    return parse
+
+
+def _scenario(text: str) -> Scenario:
+    parts = [part.strip() for part in text.split(":")]
+    if len(parts) != 4 or parts[2] not in ("lora", "locon") or parts[3] not in ("frozen", "trained"):
+        raise argparse.ArgumentTypeError("a scenario is RESOLUTION:BATCH:lora|locon:frozen|trained")
+    return Scenario(int(parts[0]), int(parts[1]), parts[2], parts[3])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_training",
+        description="Seconds per training step, ours against a bare loop, memory and start-up time.",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--checkpoint", help="an SD1.x .safetensors checkpoint (default: random weights)")
+    model.add_argument("--model", choices=("sd15", "tiny"), default="sd15", help="architecture size")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    model.add_argument("--mixed-precision", choices=("auto", "no", "fp16", "bf16"), default="auto")
+    model.add_argument("--gradient-checkpointing", action="store_true")
+    grid = parser.add_argument_group(
+        "scenarios (the product of the lists, unless --scenario or --cpu-subset)"
+    )
+    grid.add_argument("--resolutions", type=_int_list, default=[256, 512])
+    grid.add_argument("--batch-sizes", type=_int_list, default=[1, 2])
+    grid.add_argument("--networks", type=_word_list(("lora", "locon")), default=["lora", "locon"])
+    grid.add_argument("--text-encoder", type=_word_list(("frozen", "trained")), default=["frozen", "trained"])
+    grid.add_argument(
+        "--scenario", type=_scenario, action="append", help="RES:BATCH:lora|locon:frozen|trained"
+    )
+    grid.add_argument(
+        "--cpu-subset", action="store_true", help=f"run {len(CPU_SUBSET)} scenarios: {CPU_SUBSET}"
+    )
+    timing = parser.add_argument_group("timing")
+    timing.add_argument("--warmup", type=int, default=2)
+    timing.add_argument("--steps", type=int, default=5, help="timing windows per loop and round")
+    timing.add_argument(
+        "--window", type=int, default=0, help="steps per window (default: 1 on CPU, 5 on CUDA)"
+    )
+    timing.add_argument("--rounds", type=int, default=1, help="runs of each loop per scenario, alternating")
+    startup = parser.add_argument_group("start-up")
+    startup.add_argument("--startup-images", type=int, default=40, help="0 skips the start-up measurement")
+    startup.add_argument(
+        "--startup-resolution", type=int, default=0, help="default: 512, or 256 with --cpu-subset"
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    output.add_argument("--tag", default="", help="file stem of the results (default: device and model)")
+    return parser.parse_args(argv)
+
+
+def choose_scenarios(args: argparse.Namespace) -> list[Scenario]:
+    if args.scenario:
+        return list(args.scenario)
+    if args.cpu_subset:
+        return [Scenario(*values) for values in CPU_SUBSET]
+    return [
+        Scenario(*values)
+        for values in itertools.product(args.resolutions, args.batch_sizes, args.networks, args.text_encoder)
+    ]
+
+
+def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA device")
+    mixed_precision = auto_mixed_precision(device) if args.mixed_precision == "auto" else args.mixed_precision
+    settings = Settings(
+        device=device,
+        mixed_precision=mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        warmup=args.warmup,
+        steps=args.steps,
+        window=args.window or (5 if device.type == "cuda" else 1),
+        rounds=args.rounds,
+    )
+    startup_resolution = args.startup_resolution or (256 if args.cpu_subset else 512)
+    meter = MemoryMeter(device)
+    before_model = meter.current()
+    started = time.perf_counter()
+    host = build_host(args, device, mixed_precision)
+    load_s = time.perf_counter() - started
+    model = model_memory(host, meter.current() - before_model)
+    model["load_s"] = load_s
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    )
+    meta = {
+        "command": " ".join(["python -m benchmarks.bench_training", *argv]),
+        "model": f"{args.model} ({Path(args.checkpoint).name if args.checkpoint else 'random weights'})",
+        "device": str(device),
+        "device_name": f"{device_name} ({os.cpu_count()} CPU cores)",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "mixed_precision": mixed_precision,
+        "base_dtype": str(base_dtype(device, mixed_precision)).replace("torch.", ""),
+        "gradient_checkpointing": settings.gradient_checkpointing,
+        "warmup": settings.warmup,
+        "steps": settings.steps,
+        "window": settings.window,
+        "rounds": settings.rounds,
+        "exact_cpu_peak": meter.exact_peak,
+        "git_commit": _git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    results: dict = {"meta": meta, "model": model, "scenarios": [], "startup": None}
+    with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
+        workdir = Path(tmp)
+        for scenario in choose_scenarios(args):
+            measured = measure_scenario(host, scenario, settings, meter, workdir)
+            results["scenarios"].append(measured.to_json())
+        if args.startup_images > 0:
+            log.info("start-up: %d images at %d px", args.startup_images, startup_resolution)
+            results["startup"] = measure_startup(
+                host, args.startup_images, startup_resolution, settings, meter, workdir
+            )
+    meta["total_s"] = time.perf_counter() - started
+    return results
+
+
+def write_results(results: dict, output_dir: Path, tag: str) -> tuple[Path, Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = output_dir / f"{tag}.json", output_dir / f"{tag}.md"
+    json_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(markdown_report(results), encoding="utf-8")
+    return json_path, md_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    results = run_benchmark(args, argv)
+    tag = args.tag or f"{results['meta']['device'].replace(':', '')}-{args.model}"
+    json_path, md_path = write_results(results, args.output_dir, tag)
+    print(markdown_report(results))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

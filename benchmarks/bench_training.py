@@ -629,8 +629,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cpu-subset", action="store_true", help=f"run {len(CPU_SUBSET)} scenarios: {CPU_SUBSET}"
     )
     timing = parser.add_argument_group("timing")
-    timing.add_argument("--warmup", type=int, default=2)
-    timing.add_argument("--steps", type=int, default=5, help="timing windows per loop and round")
+    timing.add_argument("--warmup", type=int, help="steps before timing (default 2; 1 with --cpu-subset)")
+    timing.add_argument(
+        "--steps", type=int, help="timing windows per loop and round (default 5; 4 with --cpu-subset)"
+    )
     timing.add_argument(
         "--window", type=int, default=0, help="steps per window (default: 1 on CPU, 5 on CUDA)"
     )
@@ -666,8 +668,8 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
         device=device,
         mixed_precision=mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
-        warmup=args.warmup,
-        steps=args.steps,
+        warmup=args.warmup or (1 if args.cpu_subset else 2),
+        steps=args.steps or (4 if args.cpu_subset else 5),
         window=args.window or (5 if device.type == "cuda" else 1),
         rounds=args.rounds,
     )

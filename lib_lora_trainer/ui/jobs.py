@@ -1,0 +1,394 @@
+"""The training job: one background thread per run, its state readable by any page at any time.
+
+The thread takes the host's GPU lock itself (:meth:`HostServices.exclusive_job`), so nothing else runs
+on the model while it trains, and it does not depend on the browser page that started it: a reload,
+or a second browser, reads the same :class:`JobSnapshot`. Stopping is cooperative: the Stop button and
+the host's own Interrupt both end the run after the current step; the last finished epoch stays on
+disk and the host restores the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lib_lora_trainer.config import ConfigError, TrainingConfig, ensure_valid
+from lib_lora_trainer.dataset.source import DatasetError
+from lib_lora_trainer.model.host import HostRefused
+from lib_lora_trainer.outputs.registry import (
+    EpochCard,
+    EpochRegistry,
+    OutputNameError,
+    RegistrationError,
+    RunOutputs,
+)
+from lib_lora_trainer.outputs.samples import SampleError, sample_due, sample_requests
+from lib_lora_trainer.paths import PathNotAllowedError
+from lib_lora_trainer.training.loop import EpochSaved, StepProgress, TrainingCallbacks, TrainingPlan
+from lib_lora_trainer.training.run import run_training
+from lib_lora_trainer.ui.services import HostServices, JobFrame
+
+logger = logging.getLogger(__name__)
+
+RUNNING_STATES = ("queued", "preparing", "training", "sampling")
+MAX_LOG_LINES = 200
+
+
+class JobRefused(ValueError):
+    """The run cannot start; the message says why (``suggestion`` is a free run name on a clash)."""
+
+    def __init__(self, message: str, suggestion: str | None = None):
+        super().__init__(message)
+        self.suggestion = suggestion
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int
+    stem: str
+    step: int
+    mean_loss: float
+    model_path: Path
+    samples: tuple[Path, ...] = ()
+    registered: bool = False
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    """A consistent copy of a job's state for the UI."""
+
+    task_id: str
+    run_name: str
+    run_folder: Path
+    state: str  # queued, preparing, training, sampling, completed, interrupted, failed, ...
+    message: str
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    epochs: int = 0
+    elapsed_s: float = 0.0
+    losses: tuple[tuple[int, float], ...] = ()
+    epoch_results: tuple[EpochResult, ...] = ()
+    log: tuple[str, ...] = ()
+    version: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.state in RUNNING_STATES
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.step <= 0 or self.total_steps <= 0 or self.state != "training":
+            return None
+        return self.elapsed_s / self.step * (self.total_steps - self.step)
+
+    @property
+    def last_loss(self) -> float | None:
+        return self.losses[-1][1] if self.losses else None
+
+    def progress_text(self) -> str:
+        """One line for A1111's progress bar (no newline, or A1111 hides it)."""
+        text = (
+            f"Training {self.run_name}: step {self.step}/{self.total_steps}, epoch {self.epoch}/{self.epochs}"
+        )
+        if self.last_loss is not None:
+            text += f", loss {self.last_loss:.4f}"
+        return text
+
+
+@dataclass
+class _State:
+    state: str = "queued"
+    message: str = "Waiting for the GPU (another generation is running)..."
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    epochs: int = 0
+    started: float = 0.0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    epoch_results: list[EpochResult] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    version: int = 0
+
+
+class TrainingJob:
+    """One run: the config, where its files go, and the thread that trains it."""
+
+    def __init__(
+        self,
+        services: HostServices,
+        config: TrainingConfig,
+        run: RunOutputs,
+        registry: EpochRegistry,
+        task_id: str,
+    ):
+        self.services = services
+        self.config = config
+        self.run = run
+        self.registry = registry
+        self.task_id = task_id
+        self._lock = threading.Lock()
+        self._state = _State(epochs=config.epochs)
+        self._stop = threading.Event()
+        self._frame: JobFrame | None = None
+        self._thread = threading.Thread(target=self._main, name=f"lora-train-{run.name}", daemon=True)
+
+    # --- control ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._log(f"Run {self.run.name}: epochs go to {self.run.folder}")
+        self._thread.start()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._log("Stop requested; the run ends after the current step.")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True when the thread has finished."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def snapshot(self) -> JobSnapshot:
+        with self._lock:
+            state = self._state
+            elapsed = time.time() - state.started if state.started else 0.0
+            return JobSnapshot(
+                task_id=self.task_id,
+                run_name=self.run.name,
+                run_folder=self.run.folder,
+                state=state.state,
+                message=state.message,
+                step=state.step,
+                total_steps=state.total_steps,
+                epoch=state.epoch,
+                epochs=state.epochs,
+                elapsed_s=elapsed,
+                losses=tuple(state.losses),
+                epoch_results=tuple(state.epoch_results),
+                log=tuple(state.log),
+                version=state.version,
+            )
+
+    # --- the thread ---------------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            with self.services.exclusive_job(self.task_id, f"Training {self.run.name}") as frame:
+                self._frame = frame
+                self._update(state="preparing", message="Preparing the dataset and the model...")
+                self._started()
+                result = run_training(
+                    self.services.training_host(),
+                    self.config,
+                    _Callbacks(self),
+                    face_finder=self.services.face_finder(),
+                    vae_id=self.services.vae_id(),
+                )
+            self._update(state=result.status, message=result.message)
+            self._log(result.message)
+        except (ConfigError, DatasetError, HostRefused, PathNotAllowedError) as error:
+            self._fail(str(error))
+        except Exception as error:  # anything else must still end the job visibly
+            logger.exception("training %s failed", self.run.name)
+            self._fail(f"Training failed: {type(error).__name__}: {error}")
+        finally:
+            self._frame = None
+
+    def _started(self) -> None:
+        with self._lock:
+            self._state.started = time.time()
+
+    def _fail(self, message: str) -> None:
+        logger.error("%s", message)
+        self._update(state="failed", message=message)
+        self._log(message)
+
+    def should_stop(self) -> bool:
+        frame = self._frame
+        return self._stop.is_set() or (frame is not None and frame.interrupted())
+
+    # --- callbacks from the engine ------------------------------------------------------------------
+    def on_start(self, plan: TrainingPlan) -> None:
+        self.registry.save_run_config(self.run, self.config)
+        self._update(
+            state="training",
+            message=f"Training: {plan.epochs} epochs of {plan.steps_per_epoch} steps",
+            total_steps=plan.total_steps,
+            epochs=plan.epochs,
+            epoch=1,
+        )
+        self._log(
+            f"{plan.total_steps} steps ({plan.epochs} epochs x {plan.steps_per_epoch}), "
+            f"{plan.adapted_modules} adapted modules, {plan.trainable_parameters:,} trainable parameters"
+        )
+        self._report_progress()
+
+    def on_step(self, progress: StepProgress) -> None:
+        with self._lock:
+            self._state.step = progress.step
+            self._state.total_steps = progress.total_steps
+            self._state.epoch = progress.epoch
+            self._state.losses.extend(progress.new_losses)
+            self._state.version += 1
+        self._report_progress()
+
+    def on_epoch_saved(self, saved: EpochSaved) -> None:
+        stem = self.run.stem(saved.epoch)
+        self._log(f"Epoch {saved.epoch} saved: {saved.path.name} (mean loss {saved.mean_loss:.4f})")
+        samples = self._render_samples(saved.epoch, stem)
+        problem = ""
+        card = EpochCard(
+            epoch=saved.epoch,
+            steps=saved.step,
+            loss=saved.mean_loss,
+            trigger_word=self.config.trigger_word,
+            total_epochs=self.config.epochs,
+        )
+        try:
+            self.registry.register_epoch(self.run, card, preview=samples[0].image if samples else None)
+        except RegistrationError as error:
+            problem = str(error)
+            self._log(f"Epoch {saved.epoch}: the card files were not written: {error}")
+        result = EpochResult(
+            epoch=saved.epoch,
+            stem=stem,
+            step=saved.step,
+            mean_loss=saved.mean_loss,
+            model_path=saved.path,
+            samples=tuple(sample.path for sample in samples if sample.path is not None),
+            registered=not problem,
+            problem=problem,
+        )
+        with self._lock:
+            self._state.epoch_results.append(result)
+            self._state.state = "training"
+            self._state.version += 1
+        self._report_progress()
+
+    def _render_samples(self, epoch: int, stem: str) -> list:
+        if not sample_due(self.config, epoch) or self.should_stop():
+            return []
+        self._update(state="sampling", message=f"Rendering samples of epoch {epoch}...")
+        folder = self.services.samples_root() / self.run.name
+        try:
+            return self.services.sample_renderer().render(sample_requests(self.config, stem), folder, stem)
+        except (SampleError, OSError, RuntimeError, ValueError) as error:
+            logger.exception("samples of %s failed", stem)
+            self._log(f"Epoch {epoch}: samples could not be rendered ({error}); training goes on")
+            return []
+
+    # --- state --------------------------------------------------------------------------------------
+    def _update(self, **changes) -> None:
+        with self._lock:
+            for name, value in changes.items():
+                setattr(self._state, name, value)
+            self._state.version += 1
+
+    def _log(self, line: str) -> None:
+        logger.info("%s", line)
+        with self._lock:
+            self._state.log.append(time.strftime("%H:%M:%S ") + line)
+            del self._state.log[:-MAX_LOG_LINES]
+            self._state.version += 1
+
+    def _report_progress(self) -> None:
+        frame = self._frame
+        if frame is None:
+            return
+        snapshot = self.snapshot()
+        frame.progress(snapshot.step, snapshot.total_steps, snapshot.progress_text())
+
+
+class _Callbacks(TrainingCallbacks):
+    def __init__(self, job: TrainingJob):
+        self.job = job
+
+    def on_start(self, plan: TrainingPlan) -> None:
+        self.job.on_start(plan)
+
+    def on_step(self, progress: StepProgress) -> None:
+        self.job.on_step(progress)
+
+    def on_epoch_saved(self, saved: EpochSaved) -> None:
+        self.job.on_epoch_saved(saved)
+
+    def should_stop(self) -> bool:
+        return self.job.should_stop()
+
+
+class TrainingJobs:
+    """The one training job of this process (a GPU trains one LoRA at a time)."""
+
+    def __init__(self, services: HostServices):
+        self.services = services
+        self._lock = threading.Lock()
+        self._current: TrainingJob | None = None
+
+    def current(self) -> TrainingJob | None:
+        return self._current
+
+    def is_running(self) -> bool:
+        job = self._current
+        return job is not None and job.snapshot().running
+
+    def start(
+        self,
+        config: TrainingConfig,
+        *,
+        task_id: str = "",
+        number_if_taken: bool = False,
+    ) -> TrainingJob:
+        """Check ``config``, plan the run's files and start training in the background.
+
+        Raises :class:`JobRefused` with a user-readable reason (nothing is written then).
+        """
+        with self._lock:
+            if self.is_running():
+                raise JobRefused("A training run is already in progress; stop it or wait for it to end.")
+            try:
+                config = self._checked_paths(config)
+                registry = EpochRegistry(
+                    self.services.lora_roots(),
+                    self.services.defaults().lora_subfolder,
+                    on_registered=self.services.notify_lora_added,
+                )
+                run = self._plan_run(registry, config.output_name, number_if_taken)
+                config = dataclasses.replace(config, output_name=run.name, output_dir=str(run.folder))
+                ensure_valid(config)
+            except (ConfigError, PathNotAllowedError, ValueError) as error:
+                logger.warning("training not started: %s", error)
+                raise JobRefused(str(error), getattr(error, "suggestion", None)) from error
+            job = TrainingJob(
+                self.services, config, run, registry, task_id or self.services.new_task_id("train")
+            )
+            self._current = job
+            job.start()
+            return job
+
+    def stop(self) -> str:
+        job = self._current
+        if job is None or not job.snapshot().running:
+            return "No training is running."
+        job.request_stop()
+        return "Stopping after the current step; the last finished epoch is kept."
+
+    def _checked_paths(self, config: TrainingConfig) -> TrainingConfig:
+        policy = self.services.path_policy()
+        changes = {"train_data_dir": str(policy.check(config.train_data_dir))}
+        for name in ("reg_data_dir", "network_weights"):
+            value = getattr(config, name).strip()
+            if value:
+                changes[name] = str(policy.check(value))
+        return dataclasses.replace(config, **changes)
+
+    @staticmethod
+    def _plan_run(registry: EpochRegistry, name: str, number_if_taken: bool) -> RunOutputs:
+        try:
+            return registry.plan_run(name)
+        except OutputNameError as error:
+            if number_if_taken and error.suggestion:
+                return registry.plan_run(error.suggestion)
+            raise

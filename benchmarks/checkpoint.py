@@ -90,6 +90,7 @@ def load_checkpoint_host(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     size: str = "sd15",
+    use_sdp_attention: bool = True,
 ) -> StandaloneHost:
     """A :class:`StandaloneHost` over the checkpoint's UNet, VAE and text encoder, in ``dtype`` on ``device``.
 
@@ -124,5 +125,6 @@ def load_checkpoint_host(
         tokenizer=HashTokenizer(text_shape.vocab_size),
         device=device,
         alphas_cumprod=alphas.float() if alphas is not None else None,
+        use_sdp_attention=use_sdp_attention,
         model_info=BaseModelInfo(name=path.stem),
     )

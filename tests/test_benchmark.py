@@ -9,9 +9,19 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from benchmarks.bench_training import MemoryMeter, WindowTimer, main
+from benchmarks.bench_training import (
+    ALPHA,
+    RANK,
+    BareLoop,
+    MemoryMeter,
+    Scenario,
+    Settings,
+    main,
+)
 from benchmarks.checkpoint import CheckpointError, load_checkpoint_host
+from lib_lora_trainer.model.host import HostOptions
 from lib_lora_trainer.model.standalone import build_random_host
+from lib_lora_trainer.network.adapters import AdapterSpec, attached_adapters, plan_targets
 
 
 def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
@@ -30,12 +40,13 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
     labels = [row["label"] for row in results["scenarios"]]
     assert labels == ["64px b1 lora TE frozen", "64px b2 locon TE trained"]
     for row in results["scenarios"]:
-        for loop in ("ours", "bare"):
-            assert len(row[loop]["seconds_per_step"]) == 2  # one sample per timing window
-            assert row[loop]["peak_bytes"] > 0
+        assert len(row["ours_samples"]) == len(row["bare_samples"]) == 2  # one pair per timing window
+        assert row["ours_s_per_step"] == pytest.approx(np.median(row["ours_samples"]))
         ratio = row["ours_s_per_step"] / row["bare_s_per_step"]
         assert row["ratio_ours_over_bare"] == pytest.approx(ratio)
-        assert row["ours_s_per_step"] == pytest.approx(np.median(row["ours"]["seconds_per_step"]))
+        pairs = [o / b for o, b in zip(row["ours_samples"], row["bare_samples"], strict=True)]
+        assert row["paired_ratio_median"] == pytest.approx(np.median(pairs))
+        assert row["peak_bytes"] > 0
     model = results["model"]
     assert model["total_tensor_bytes"] == sum(model["tensor_bytes"].values())
     startup = results["startup"]
@@ -47,13 +58,23 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
     assert "to the first optimizer step" in markdown
 
 
-def test_window_timer_skips_warmup_and_averages_windows():
-    timer = WindowTimer(torch.device("cpu"), warmup=2, window=3)
-    for _ in range(2 + 3 * 2 + 1):  # the last, incomplete window gives no sample
-        timer.tick()
-    assert len(timer.samples) == 2
-    with pytest.raises(ValueError):
-        WindowTimer(torch.device("cpu"), warmup=0, window=1)
+def test_bare_loop_trains_the_adapters_our_loop_attached():
+    """The reference loop steps exactly the adapter parameters (base weights stay frozen)."""
+    host = build_random_host("tiny")
+    scenario = Scenario(64, 1, "lora", "trained")
+    settings = Settings(torch.device("cpu"), "no", False, warmup=1, steps=1, window=1)
+    options = HostOptions(train_text_encoder=True, gradient_checkpointing=False)
+    with host.session(options):
+        unet, text_encoder = host.unet(), host.text_encoder()
+        spec = AdapterSpec(RANK, ALPHA, train_text_encoder=True)
+        with attached_adapters(unet, text_encoder, plan_targets(unet, text_encoder, spec)) as adapters:
+            bare = BareLoop(host, scenario, settings)
+            stepped = [p for group in bare.optimizer.param_groups for p in group["params"]]
+            expected = adapters.parameters("unet") + adapters.parameters("text_encoder")
+            assert {id(p) for p in stepped} == {id(p) for p in expected}
+            before = [p.detach().clone() for p in expected]
+            bare.run(2)
+            assert any(not torch.equal(b, p) for b, p in zip(before, expected, strict=True))
 
 
 def test_memory_meter_sees_a_new_peak_after_reset():
@@ -125,3 +146,19 @@ def test_checkpoint_errors_are_explained(tmp_path):
         load_checkpoint_host(tmp_path / "wrong_shape.safetensors", size="tiny")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint_host(tmp_path / "missing.safetensors")
+
+
+def test_ablation_switches_are_recorded_and_startup_can_be_skipped(tmp_path):
+    argv = [
+        "--model", "tiny", "--device", "cpu", "--scenario", "64:1:lora:frozen",
+        "--warmup", "1", "--steps", "1", "--startup-images", "0",
+        "--no-sdp-attention", "--channels-last", "--captions-vary", "--gradient-checkpointing",
+        "--output-dir", str(tmp_path), "--tag", "ablation",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "ablation.json").read_text(encoding="utf-8"))
+    meta = results["meta"]
+    assert (meta["sdp_attention"], meta["channels_last"], meta["captions_vary"]) == (False, True, True)
+    assert meta["gradient_checkpointing"] is True
+    assert results["startup"] is None
+    assert "SDP attention off" in (tmp_path / "ablation.md").read_text(encoding="utf-8")

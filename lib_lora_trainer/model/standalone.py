@@ -134,7 +134,11 @@ class StandaloneHost:
         return (posterior.sample() * self._scale_factor).float()
 
     def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
-        ids = self._tokenizer(captions).to(self.device)
+        ids = self._tokenizer(captions)
+        if self.device.type == "cuda":  # a pinned, queued copy: the CPU does not wait for the GPU here
+            ids = ids.pin_memory().to(self.device, non_blocking=True)
+        else:
+            ids = ids.to(self.device)
         if self._clip_skip == 1:
             return self._text_encoder(input_ids=ids).last_hidden_state
         hidden = self._text_encoder(input_ids=ids, output_hidden_states=True).hidden_states[-self._clip_skip]
@@ -146,7 +150,9 @@ class StandaloneHost:
         return self._unet(noisy_latents, timesteps, context=cond)
 
 
-def build_random_host(size: str = "tiny", *, device: str = "cpu", seed: int = 0) -> StandaloneHost:
+def build_random_host(
+    size: str = "tiny", *, device: str = "cpu", seed: int = 0, use_sdp_attention: bool = True
+) -> StandaloneHost:
     """A host over randomly initialised ldm/CLIP modules: ``"tiny"`` (tests) or ``"sd15"`` (full size).
 
     The layers ldm zero-initialises get random values, as a trained checkpoint would have, so the
@@ -175,5 +181,6 @@ def build_random_host(size: str = "tiny", *, device: str = "cpu", seed: int = 0)
         vae=vae,
         tokenizer=HashTokenizer(text_shape.vocab_size),
         device=device,
+        use_sdp_attention=use_sdp_attention,
         model_info=BaseModelInfo(name=f"random-{size}-seed{seed}"),
     )

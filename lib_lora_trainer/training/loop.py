@@ -14,7 +14,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,7 +143,7 @@ def train(
         clip_skip=config.clip_skip,
         mixed_precision=config.mixed_precision,
     )
-    with host.session(options):
+    with host.session(options), tf32_matmul(host.device):
         log.info("caching latents for %d batches per epoch", source.batches_per_epoch())
         source.prepare(host.encode_images)
         unet, text_encoder = host.unet(), host.text_encoder()
@@ -153,6 +153,32 @@ def train(
                 adapters.load(initial_weights)
             run = _Run(host, config, source, adapters, callbacks, output_dir, dataset_facts or DatasetFacts())
             return run.execute()
+
+
+@contextlib.contextmanager
+def tf32_matmul(device: torch.device) -> Iterator[None]:
+    """Let fp32 matmuls and convolutions use TF32 on CUDA for the run (the WebUI sets the same on Ampere+);
+    the previous flags come back afterwards. A no-op on other devices."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def to_device_async(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Copy a CPU batch tensor to ``device`` without making the CPU wait for the GPU.
+
+    A plain ``.to("cuda")`` of pageable memory synchronises the stream, so the CPU would wait for the
+    previous step's kernels before queueing this one; a pinned copy is queued and returns at once.
+    """
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.to(dtype).pin_memory().to(device, non_blocking=True)
+    return tensor.to(device, dtype)
 
 
 def _trains_text_encoder(config: TrainingConfig) -> bool:
@@ -297,7 +323,7 @@ class _Run:
         return not self.callbacks.should_stop()
 
     def _loss(self, batch: TrainingBatch) -> torch.Tensor:
-        latents = batch.latents.to(self.device, torch.float32, non_blocking=True)
+        latents = to_device_async(batch.latents, self.device, torch.float32)
         cond = self._conditioning(batch.captions)
         noise = torch.randn_like(latents)
         if self.config.noise_offset:
@@ -314,7 +340,7 @@ class _Run:
         else:
             target = noise
         per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        weights = batch.loss_weights.to(self.device, torch.float32)
+        weights = to_device_async(batch.loss_weights, self.device, torch.float32)
         if self.config.min_snr_gamma > 0:
             weights = weights * self._min_snr_weights(alpha_bar.view(-1))
         return (per_sample * weights).mean()

@@ -229,12 +229,18 @@ def _sdp_attention(sd_hijack) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _clip_skip(shared, clip_skip: int) -> Iterator[None]:
-    saved = shared.opts.data.get("CLIP_stop_at_last_layers", 1)
-    shared.opts.data["CLIP_stop_at_last_layers"] = clip_skip
+    # opts.data holds only what the user changed from the defaults; leave it exactly as found.
+    key = "CLIP_stop_at_last_layers"
+    missing = object()
+    saved = shared.opts.data.get(key, missing)
+    shared.opts.data[key] = clip_skip
     try:
         yield
     finally:
-        shared.opts.data["CLIP_stop_at_last_layers"] = saved
+        if saved is missing:
+            shared.opts.data.pop(key, None)
+        else:
+            shared.opts.data[key] = saved
 
 
 def _reset_conditioning_cache(processing) -> None:

@@ -246,6 +246,12 @@ def test_exception_mid_step_restores_everything(webui, tmp_path):
     assert attention_calls(webui) == [("attention", "sdp - scaled dot product"), ("attention", None)]
 
 
+def test_an_unset_clip_skip_option_stays_unset(webui, tmp_path):
+    del webui.shared.opts.data["CLIP_stop_at_last_layers"]
+    train(host(), tiny_config(tmp_path, clip_skip=2, epochs=1), source())
+    assert "CLIP_stop_at_last_layers" not in webui.shared.opts.data
+
+
 def test_no_model_loaded_is_a_clear_refusal(webui, tmp_path):
     webui.shared.sd_model = None
     with pytest.raises(HostRefused, match="No Stable Diffusion checkpoint"):

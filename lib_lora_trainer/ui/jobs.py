@@ -215,7 +215,7 @@ class TrainingJob:
         self.registry.save_run_config(self.run, self.config)
         self._update(
             state="training",
-            message=f"Training: {plan.epochs} epochs of {plan.steps_per_epoch} steps",
+            message=f"{plan.epochs} epochs of {plan.steps_per_epoch} steps",
             total_steps=plan.total_steps,
             epochs=plan.epochs,
             epoch=1,

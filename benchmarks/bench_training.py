@@ -96,14 +96,17 @@ class Settings:
 @dataclass
 class ScenarioResult:
     scenario: Scenario
-    ours_s: list[float]  # seconds per step of our loop, one value per timing window
+    ours_s: list[float]  # wall seconds per step of our loop, one value per timing window
     bare_s: list[float]  # the bare loop's window run right after each of ours
+    ours_cpu_s: list[float]  # CPU seconds per step (this process, all threads), same windows
+    bare_cpu_s: list[float]
     peak_bytes: int  # peak memory over our warm-up steps (the first step included)
     extra_bytes: int  # that peak minus the memory in use before training started (the model alone)
 
     def to_json(self) -> dict:
         ours, bare = statistics.median(self.ours_s), statistics.median(self.bare_s)
         pairs = [o / b for o, b in zip(self.ours_s, self.bare_s, strict=True)]
+        ours_cpu, bare_cpu = statistics.median(self.ours_cpu_s), statistics.median(self.bare_cpu_s)
         return {
             **asdict(self.scenario),
             "label": self.scenario.label,
@@ -111,8 +114,13 @@ class ScenarioResult:
             "bare_s_per_step": bare,
             "ratio_ours_over_bare": ours / bare,
             "paired_ratio_median": statistics.median(pairs),
+            "ours_cpu_s_per_step": ours_cpu,
+            "bare_cpu_s_per_step": bare_cpu,
+            "cpu_ratio_ours_over_bare": ours_cpu / bare_cpu,
             "ours_samples": self.ours_s,
             "bare_samples": self.bare_s,
+            "ours_cpu_samples": self.ours_cpu_s,
+            "bare_cpu_samples": self.bare_cpu_s,
             "peak_bytes": self.peak_bytes,
             "extra_bytes": self.extra_bytes,
         }
@@ -176,13 +184,22 @@ class MemoryMeter:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def timed(device: torch.device, run: Callable[[], None]) -> float:
-    """Seconds ``run`` takes, with the device synchronised before and after."""
+def clock(device: torch.device) -> tuple[float, float]:
+    """(wall, CPU) seconds now, once the device has finished its queued work.
+
+    CPU time (all threads of this process) is what the process itself spent: on a shared machine it
+    moves much less than wall time when other processes compete for the cores.
+    """
     synchronize(device)
-    start = time.perf_counter()
+    return time.perf_counter(), time.process_time()
+
+
+def timed(device: torch.device, run: Callable[[], None]) -> tuple[float, float]:
+    """(wall, CPU) seconds ``run`` takes, with the device synchronised before and after."""
+    start = clock(device)
     run()
-    synchronize(device)
-    return time.perf_counter() - start
+    end = clock(device)
+    return end[0] - start[0], end[1] - start[1]
 
 
 # --- the model ----------------------------------------------------------------------------------
@@ -348,10 +365,10 @@ class _PairedTiming(TrainingCallbacks):
     def __init__(self, host, scenario: Scenario, settings: Settings, meter: MemoryMeter):
         self.host, self.scenario, self.settings, self.meter = host, scenario, settings, meter
         self.steps = 0
-        self.mark = 0.0
+        self.mark = (0.0, 0.0)
         self.peak = 0
-        self.ours: list[float] = []
-        self.bare: list[float] = []
+        self.ours: list[tuple[float, float]] = []  # (wall, CPU) seconds per step
+        self.bare: list[tuple[float, float]] = []
         self.bare_loop: BareLoop | None = None
 
     def on_start(self, plan) -> None:
@@ -367,17 +384,17 @@ class _PairedTiming(TrainingCallbacks):
             self.peak = self.meter.peak()
             self.bare_loop = BareLoop(self.host, self.scenario, self.settings)
             self.bare_loop.run(warmup)
-            synchronize(device)
-            self.mark = time.perf_counter()
+            self.mark = clock(device)
             return
         if (self.steps - warmup) % window:
             return
-        synchronize(device)
-        self.ours.append((time.perf_counter() - self.mark) / window)
+        now = clock(device)
+        self.ours.append(((now[0] - self.mark[0]) / window, (now[1] - self.mark[1]) / window))
         assert self.bare_loop is not None
         bare_loop = self.bare_loop
-        self.bare.append(timed(device, lambda: bare_loop.run(window)) / window)
-        self.mark = time.perf_counter()
+        wall, cpu = timed(device, lambda: bare_loop.run(window))
+        self.bare.append((wall / window, cpu / window))
+        self.mark = clock(device)
 
 
 def measure_scenario(
@@ -405,15 +422,24 @@ def measure_scenario(
     result = train(host, config, source, timing)
     if result.status != "completed":
         raise RuntimeError(f"our loop did not complete: {result.message}")
-    measured = ScenarioResult(scenario, timing.ours, timing.bare, timing.peak, timing.peak - before)
+    measured = ScenarioResult(
+        scenario,
+        ours_s=[wall for wall, _ in timing.ours],
+        bare_s=[wall for wall, _ in timing.bare],
+        ours_cpu_s=[cpu for _, cpu in timing.ours],
+        bare_cpu_s=[cpu for _, cpu in timing.bare],
+        peak_bytes=timing.peak,
+        extra_bytes=timing.peak - before,
+    )
     row = measured.to_json()
     log.info(
-        "%s: ours %.3f s/step, bare %.3f s/step, ratio %.3f (paired %.3f)",
+        "%s: ours %.3f s/step, bare %.3f s/step, ratio %.3f (paired %.3f, CPU time %.3f)",
         scenario.label,
         row["ours_s_per_step"],
         row["bare_s_per_step"],
         row["ratio_ours_over_bare"],
         row["paired_ratio_median"],
+        row["cpu_ratio_ours_over_bare"],
     )
     return measured
 
@@ -543,14 +569,15 @@ def markdown_report(results: dict) -> str:
         f"text encoder {sizes['text_encoder']}, VAE {sizes['vae']}); "
         f"{_gib(model['resident_bytes'])} GiB resident after loading.",
         "",
-        f"| scenario | ours s/step | bare s/step | ours / bare | paired ratio | {memory} GiB "
-        "| extra over model GiB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| scenario | ours s/step | bare s/step | ours / bare | paired ratio | CPU-time ratio "
+        f"| {memory} GiB | extra over model GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["scenarios"]:
         lines.append(
             f"| {row['label']} | {row['ours_s_per_step']:.3f} | {row['bare_s_per_step']:.3f} | "
             f"{row['ratio_ours_over_bare']:.3f} | {row['paired_ratio_median']:.3f} | "
+            f"{row['cpu_ratio_ours_over_bare']:.3f} | "
             f"{_gib(row['peak_bytes'])} | {_gib(row['extra_bytes'])} |"
         )
     startup = results.get("startup")
@@ -617,6 +644,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     model.add_argument("--mixed-precision", choices=("auto", "no", "fp16", "bf16"), default="auto")
     model.add_argument("--gradient-checkpointing", action="store_true")
+    model.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ablation = parser.add_argument_group("switch a speed measure off or on, to measure what it gives")
     ablation.add_argument(
         "--no-sdp-attention", dest="sdp", action="store_false", help="ldm's own attention instead of SDP"
@@ -672,6 +700,8 @@ def choose_scenarios(args: argparse.Namespace) -> list[Scenario]:
 
 def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no CUDA device")
     mixed_precision = auto_mixed_precision(device) if args.mixed_precision == "auto" else args.mixed_precision

@@ -46,8 +46,7 @@ def check_optimizer_available(config: TrainingConfig) -> None:
 def build_optimizer(config: TrainingConfig, groups: list[ParamGroup], device: torch.device) -> Optimizer:
     param_groups = [{"params": g.params, "lr": g.lr, "name": g.name} for g in groups if g.params]
     if config.optimizer == "AdamW":
-        fused = device.type == "cuda"
-        return torch.optim.AdamW(param_groups, weight_decay=config.weight_decay, fused=fused)
+        return _adamw(param_groups, config.weight_decay, device)
     if config.optimizer == "Adafactor":
         from transformers.optimization import Adafactor
 
@@ -80,6 +79,19 @@ def build_optimizer(config: TrainingConfig, groups: list[ParamGroup], device: to
 
         return Prodigy(param_groups, weight_decay=config.weight_decay)
     raise OptimizerUnavailable(f"unknown optimizer {config.optimizer!r}")
+
+
+def _adamw(param_groups: list[dict], weight_decay: float, device: torch.device) -> Optimizer:
+    """torch's fused AdamW (one kernel over all parameters) where this torch has it for ``device``:
+    CUDA always, the CPU from torch 2.4 on; else the default implementation."""
+    if device.type in ("cuda", "cpu"):
+        try:
+            # Copies: a failed constructor has already filled defaults into the group dicts.
+            groups = [dict(group) for group in param_groups]
+            return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, ValueError):
+            pass
+    return torch.optim.AdamW(param_groups, weight_decay=weight_decay)
 
 
 def build_scheduler(config: TrainingConfig, optimizer: Optimizer, total_steps: int) -> LRScheduler:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import itertools
 import json
 import logging
@@ -134,6 +136,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _trim_malloc() -> None:
+    """glibc keeps freed memory for reuse; malloc_trim returns it, so RSS shows what is in use."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class MemoryMeter:
     """Peak memory between :meth:`reset` and :meth:`peak`: allocated tensors on CUDA, RSS on the CPU.
 
@@ -169,9 +177,14 @@ class MemoryMeter:
             return 0
 
     def reset(self) -> None:
+        """Start a new peak from the memory in use now (freed CPU memory is handed back to the system
+        first, so memory the previous scenario left in malloc's free lists does not count)."""
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.exact_peak:
+            return
+        _trim_malloc()
+        if self.exact_peak:
             Path("/proc/self/clear_refs").write_text("5")
 
     def peak(self) -> int:
@@ -418,6 +431,7 @@ def measure_scenario(
         scenario.label,
         settings.steps_per_run,
     )
+    meter.reset()
     before = meter.current()
     result = train(host, config, source, timing)
     if result.status != "completed":
@@ -467,6 +481,7 @@ class _TimedHost:
         self.device = host.device
         self.session_opened = 0.0
         self.last_encode_end = 0.0
+        self.encode_s = 0.0
         self.images_encoded = 0
 
     def __getattr__(self, name: str):
@@ -479,9 +494,11 @@ class _TimedHost:
             yield
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
         latents = self._host.encode_images(pixels)
         synchronize(self.device)
         self.last_encode_end = time.perf_counter()
+        self.encode_s += self.last_encode_end - start
         self.images_encoded += pixels.shape[0]
         return latents
 
@@ -516,8 +533,8 @@ def measure_startup(
     config.flat_repeats = 1
     timed = _TimedHost(host)
     callbacks = _FirstStepCallbacks()
-    before = meter.current()
     meter.reset()
+    before = meter.current()
     synchronize(settings.device)
     start = time.perf_counter()
     result = run_training(timed, config, callbacks)
@@ -533,6 +550,7 @@ def measure_startup(
         "latent_caching_s": caching_s,
         "setup_after_caching_s": callbacks.started - timed.last_encode_end,
         "first_step_s": callbacks.first_step - callbacks.started,
+        "vae_encode_s": timed.encode_s,
         "images_encoded": timed.images_encoded,
         "caching_images_per_s": timed.images_encoded / caching_s if caching_s > 0 else None,
         "peak_bytes": peak,
@@ -588,7 +606,8 @@ def markdown_report(results: dict) -> str:
             f"Start-up, {startup['images']} images at {startup['resolution']} px through `run_training`: "
             f"**{startup['seconds_to_first_step']:.1f} s to the first optimizer step** "
             f"(scan and plan {startup['scan_and_plan_s']:.1f} s, "
-            f"latent caching {startup['latent_caching_s']:.1f} s = {throughput:.2f} images/s, "
+            f"latent caching {startup['latent_caching_s']:.1f} s = {throughput:.2f} images/s "
+            f"of which VAE encoding {startup['vae_encode_s']:.1f} s, "
             f"setup {startup['setup_after_caching_s']:.1f} s, "
             f"first step {startup['first_step_s']:.1f} s).",
         ]
@@ -671,7 +690,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     timing = parser.add_argument_group("timing")
     timing.add_argument("--warmup", type=int, help="steps before timing (default 2; 1 with --cpu-subset)")
     timing.add_argument(
-        "--steps", type=int, help="timing windows per loop and round (default 5; 4 with --cpu-subset)"
+        "--steps", type=int, help="timing windows per loop and round (default 5; 6 with --cpu-subset)"
     )
     timing.add_argument(
         "--window", type=int, default=0, help="steps per window (default: 1 on CPU, 5 on CUDA)"
@@ -710,16 +729,18 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
         mixed_precision=mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
         warmup=args.warmup or (1 if args.cpu_subset else 2),
-        steps=args.steps or (4 if args.cpu_subset else 5),
+        steps=args.steps or (6 if args.cpu_subset else 5),
         window=args.window or (5 if device.type == "cuda" else 1),
         captions_vary=args.captions_vary,
     )
     startup_resolution = args.startup_resolution or (256 if args.cpu_subset else 512)
     meter = MemoryMeter(device)
+    meter.reset()
     before_model = meter.current()
     started = time.perf_counter()
     host = build_host(args, device, mixed_precision)
     load_s = time.perf_counter() - started
+    meter.reset()
     model = model_memory(host, meter.current() - before_model)
     model["load_s"] = load_s
     device_name = (

@@ -11,17 +11,29 @@ from safetensors.torch import save_file
 
 from benchmarks.bench_training import (
     ALPHA,
+    CAPTIONS,
     RANK,
     BareLoop,
     MemoryMeter,
     Scenario,
     Settings,
     main,
+    make_picture,
 )
 from benchmarks.checkpoint import CheckpointError, load_checkpoint_host
+from lib_lora_trainer.config import TrainingConfig
+from lib_lora_trainer.dataset.base import InMemoryBatchSource
 from lib_lora_trainer.model.host import HostOptions
 from lib_lora_trainer.model.standalone import build_random_host
 from lib_lora_trainer.network.adapters import AdapterSpec, attached_adapters, plan_targets
+from lib_lora_trainer.training.loop import (
+    LOSS_READ_INTERVAL,
+    TrainingCallbacks,
+    tf32_matmul,
+    to_device_async,
+    train,
+)
+from lib_lora_trainer.training.optim import ParamGroup, build_optimizer
 
 
 def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
@@ -162,3 +174,91 @@ def test_ablation_switches_are_recorded_and_startup_can_be_skipped(tmp_path):
     assert meta["gradient_checkpointing"] is True
     assert results["startup"] is None
     assert "SDP attention off" in (tmp_path / "ablation.md").read_text(encoding="utf-8")
+
+
+# --- the speed measures the benchmark relies on, on CPU-safe paths -----------------------------------
+
+_READBACKS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+class _ReadbacksPerStep(TrainingCallbacks):
+    """Counts tensor read-backs (what forces a GPU-to-CPU synchronisation) between optimizer steps."""
+
+    def __init__(self, counter: list[int]):
+        self.counter = counter
+        self.per_step: dict[int, int] = {}
+        self.mark = 0
+
+    def on_start(self, plan) -> None:
+        self.mark = self.counter[0]
+
+    def on_step(self, progress) -> None:
+        self.per_step[progress.step] = self.counter[0] - self.mark
+        self.mark = self.counter[0]
+
+
+def test_a_training_step_reads_nothing_back_except_the_loss_every_ten_steps(tmp_path, monkeypatch):
+    counter = [0]
+    for name in _READBACKS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            counter[0] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    host = build_random_host("tiny")
+    items = [(make_picture(64, 64, seed), CAPTIONS[seed % 2]) for seed in range(2)]
+    source = InMemoryBatchSource(items, resolution=64, batch_size=1, repeats=12)  # 24 steps
+    config = TrainingConfig(
+        output_name="sync",
+        output_dir=str(tmp_path),
+        train_data_dir="unused",
+        resolution=64,
+        min_bucket_reso=64,
+        network_dim=4,
+        network_alpha=2.0,
+        train_text_encoder=True,
+        lr_scheduler="constant",
+        epochs=1,
+        batch_size=1,
+        mixed_precision="no",
+        min_snr_gamma=5.0,
+        noise_offset=0.05,
+    )
+    callbacks = _ReadbacksPerStep(counter)
+    assert train(host, config, source, callbacks).status == "completed"
+
+    reads = {step for step, count in callbacks.per_step.items() if count}
+    assert reads == {LOSS_READ_INTERVAL, 2 * LOSS_READ_INTERVAL, 24}  # and the last step's
+    # one transfer of all pending losses: .cpu() then .tolist() on the stacked tensor
+    assert all(callbacks.per_step[step] == 2 for step in reads)
+
+
+def test_tf32_is_switched_on_for_a_cuda_run_and_restored():
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    try:
+        matmul.allow_tf32 = cudnn.allow_tf32 = False
+        with tf32_matmul(torch.device("cpu")):
+            assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, False)
+        with pytest.raises(RuntimeError), tf32_matmul(torch.device("cuda")):
+            assert (matmul.allow_tf32, cudnn.allow_tf32) == (True, True)
+            raise RuntimeError("a failed run")
+        assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, False)
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
+def test_batch_tensors_reach_the_device_with_the_training_dtype():
+    latents = torch.randn(2, 4, 8, 8, dtype=torch.float16)
+    moved = to_device_async(latents, torch.device("cpu"), torch.float32)
+    assert moved.dtype == torch.float32 and torch.equal(moved, latents.float())
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel():
+    config = TrainingConfig(optimizer="AdamW")
+    parameter = torch.nn.Parameter(torch.zeros(4))
+    optimizer = build_optimizer(config, [ParamGroup("unet", [parameter], 1e-3)], torch.device("cpu"))
+    assert optimizer.param_groups[0]["fused"] is True  # torch >= 2.4 has a CPU kernel
+    assert optimizer.param_groups[0]["name"] == "unet"

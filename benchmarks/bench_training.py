@@ -697,6 +697,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     startup = parser.add_argument_group("start-up")
     startup.add_argument("--startup-images", type=int, default=40, help="0 skips the start-up measurement")
+    startup.add_argument("--startup-only", action="store_true", help="measure only the start-up")
     startup.add_argument(
         "--startup-resolution", type=int, default=0, help="default: 512, or 256 with --cpu-subset"
     )
@@ -707,6 +708,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def choose_scenarios(args: argparse.Namespace) -> list[Scenario]:
+    if args.startup_only:
+        return []
     if args.scenario:
         return list(args.scenario)
     if args.cpu_subset:

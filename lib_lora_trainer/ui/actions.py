@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,6 +322,7 @@ class TabActions:
                 extra_prompt=extra_prompt,
                 negative_prompt=negative_prompt,
                 seed_count=int(seed_count),
+                rng_seed=zlib.crc32(run_name.encode("utf-8")),  # the same seeds in txt2img and in the grid
                 weights=DEFAULT_WEIGHTS if weight_axis else None,
             )
         except ComparisonError as error:

@@ -127,6 +127,7 @@ def test_a_finished_run_is_listed_compared_and_its_settings_load_again(services,
 def test_render_grid_loads_each_epoch_file(services, jobs, actions, dataset):
     assert jobs.start(tiny_config(dataset, epochs=2, sample_every_n_epochs=0)).wait(300)
     comparison = actions.comparison("alice", seed_count=1)
+    assert actions.comparison("alice", seed_count=1).seeds == comparison.seeds  # the grid = what txt2img gets
     result = actions.render_grid(comparison, GridSettings(steps=2, width=64, height=64))
     assert result.image.width == 110 + 2 * 64 and result.image.height == 2 * 24 + 64
     assert result.path.parent == services.grids_dir and Image.open(result.path).info["parameters"]

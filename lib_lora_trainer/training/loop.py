@@ -319,7 +319,7 @@ class _Run:
             if (index + 1) % accumulation == 0 or index + 1 == batches:
                 self._optimizer_step()
                 self.step += 1
-                self._report(epoch)
+                self._report(epoch, epoch_end=index + 1 == batches)
         return not self.callbacks.should_stop()
 
     def _loss(self, batch: TrainingBatch) -> torch.Tensor:
@@ -406,8 +406,9 @@ class _Run:
         self.epoch_losses += [value for _, value in read]
         return read
 
-    def _report(self, epoch: int) -> None:
-        due = self.step % LOSS_READ_INTERVAL == 0 or self.step == self.plan.total_steps
+    def _report(self, epoch: int, epoch_end: bool = False) -> None:
+        # also read at each epoch's end, so the UI's chart has every step before the epoch is saved
+        due = epoch_end or self.step % LOSS_READ_INTERVAL == 0
         new_losses = self._read_losses() if due else []
         self.callbacks.on_step(
             StepProgress(

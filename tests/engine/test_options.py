@@ -130,3 +130,22 @@ def test_min_snr_weights_follow_the_paper():
 def test_loss_options_run_and_stay_finite(tmp_path, overrides):
     result = train(tiny_host(), tiny_config(tmp_path, epochs=1, **overrides), small_source())
     assert result.status == "completed" and all(math.isfinite(v) for v in result.losses)
+
+
+class LossCollector(TrainingCallbacks):
+    def __init__(self):
+        self.reported, self.at_save = [], []
+
+    def on_step(self, progress):
+        self.reported += progress.new_losses
+
+    def on_epoch_saved(self, saved):
+        self.at_save.append(len(self.reported))
+
+
+def test_every_step_loss_is_reported_before_its_epoch_is_saved(tmp_path):
+    collector = LossCollector()
+    result = train(tiny_host(), tiny_config(tmp_path, epochs=2), small_source(), collector)  # 2 steps/epoch
+    assert [step for step, _ in collector.reported] == [1, 2, 3, 4]
+    assert collector.at_save == [2, 4]
+    assert [loss for _, loss in collector.reported] == result.losses

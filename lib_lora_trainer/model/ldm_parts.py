@@ -161,16 +161,20 @@ def checkpointable_blocks(unet: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def gradient_checkpointing(unet: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Checkpoint every ResBlock and transformer block of an ldm UNet for the duration of the block."""
-    blocks = checkpointable_blocks(unet) if enabled else []
+def _instance_forwards(modules: list[nn.Module], forward) -> Iterator[None]:
+    """Give each of ``modules`` ``forward`` as its own forward for the duration of the block."""
     try:
-        for block in blocks:
-            _set_instance_forward(block, types.MethodType(_checkpointed_forward, block))
+        for module in modules:
+            _set_instance_forward(module, types.MethodType(forward, module))
         yield
     finally:
-        for block in blocks:
-            _clear_instance_forward(block)
+        for module in modules:
+            _clear_instance_forward(module)
+
+
+def gradient_checkpointing(unet: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Checkpoint every ResBlock and transformer block of an ldm UNet for the duration of the block."""
+    return _instance_forwards(checkpointable_blocks(unet) if enabled else [], _checkpointed_forward)
 
 
 def _sdp_attention_forward(self: nn.Module, x: torch.Tensor, context=None, mask=None) -> torch.Tensor:
@@ -183,16 +187,9 @@ def _sdp_attention_forward(self: nn.Module, x: torch.Tensor, context=None, mask=
     return self.to_out(out.transpose(1, 2).reshape(batch, tokens, -1))
 
 
-@contextlib.contextmanager
-def sdp_attention(unet: nn.Module, enabled: bool = True) -> Iterator[None]:
+def sdp_attention(unet: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
     """Run ldm's CrossAttention through torch's scaled-dot-product attention (same maths, less memory)."""
     from ldm.modules.attention import CrossAttention
 
     layers = [m for m in unet.modules() if isinstance(m, CrossAttention)] if enabled else []
-    try:
-        for layer in layers:
-            _set_instance_forward(layer, types.MethodType(_sdp_attention_forward, layer))
-        yield
-    finally:
-        for layer in layers:
-            _clear_instance_forward(layer)
+    return _instance_forwards(layers, _sdp_attention_forward)

@@ -43,6 +43,7 @@ from PIL import Image, ImageDraw
 from lib_lora_trainer.config import TrainingConfig
 from lib_lora_trainer.dataset.base import InMemoryBatchSource
 from lib_lora_trainer.model.host import HostOptions
+from lib_lora_trainer.training.device_settings import fp16_grad_scaler
 from lib_lora_trainer.training.loop import TrainingCallbacks, train
 from lib_lora_trainer.training.optim import ParamGroup, build_optimizer
 
@@ -335,8 +336,7 @@ class BareLoop:
         if text_params:
             groups.append(ParamGroup("text_encoder", text_params, TEXT_ENCODER_LR))
         self.optimizer = build_optimizer(config, groups, self.device)
-        fp16_cuda = settings.mixed_precision == "fp16" and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
+        self.scaler = fp16_grad_scaler(self.device, settings.mixed_precision)
         self.alphas = host.alphas_cumprod().float()
         side = scenario.resolution // 8
         self.latents = torch.randn(scenario.batch_size, 4, side, side, device=self.device)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,13 +28,7 @@ from lib_lora_trainer.dataset.base import InMemoryBatchSource
 from lib_lora_trainer.model.host import HostOptions
 from lib_lora_trainer.model.standalone import build_random_host
 from lib_lora_trainer.network.adapters import AdapterSpec, attached_adapters, plan_targets
-from lib_lora_trainer.training.loop import (
-    LOSS_READ_INTERVAL,
-    TrainingCallbacks,
-    tf32_matmul,
-    to_device_async,
-    train,
-)
+from lib_lora_trainer.training.loop import LOSS_READ_INTERVAL, TrainingCallbacks, train
 from lib_lora_trainer.training.optim import ParamGroup, build_optimizer
 
 
@@ -178,6 +174,7 @@ def test_ablation_switches_are_recorded_and_startup_can_be_skipped(tmp_path):
 
 # --- the speed measures the benchmark relies on, on CPU-safe paths -----------------------------------
 
+_OPTIM_FOLDER = str(Path(torch.optim.__file__).parent)
 _READBACKS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 
 
@@ -203,7 +200,10 @@ def test_a_training_step_reads_nothing_back_except_the_loss_every_ten_steps(tmp_
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _original=original, **kwargs):
-            counter[0] += 1
+            # torch < 2.4 has no fused CPU AdamW; its loop version reads its step counter, a CPU tensor
+            # even in a CUDA run (no synchronisation), so reads from inside torch.optim don't count.
+            if _OPTIM_FOLDER not in sys._getframe(1).f_code.co_filename:
+                counter[0] += 1
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
@@ -235,30 +235,10 @@ def test_a_training_step_reads_nothing_back_except_the_loss_every_ten_steps(tmp_
     assert all(callbacks.per_step[step] == 2 for step in reads)
 
 
-def test_tf32_is_switched_on_for_a_cuda_run_and_restored():
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    saved = matmul.allow_tf32, cudnn.allow_tf32
-    try:
-        matmul.allow_tf32 = cudnn.allow_tf32 = False
-        with tf32_matmul(torch.device("cpu")):
-            assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, False)
-        with pytest.raises(RuntimeError), tf32_matmul(torch.device("cuda")):
-            assert (matmul.allow_tf32, cudnn.allow_tf32) == (True, True)
-            raise RuntimeError("a failed run")
-        assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, False)
-    finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = saved
-
-
-def test_batch_tensors_reach_the_device_with_the_training_dtype():
-    latents = torch.randn(2, 4, 8, 8, dtype=torch.float16)
-    moved = to_device_async(latents, torch.device("cpu"), torch.float32)
-    assert moved.dtype == torch.float32 and torch.equal(moved, latents.float())
-
-
 def test_adamw_is_fused_where_torch_has_the_kernel():
     config = TrainingConfig(optimizer="AdamW")
     parameter = torch.nn.Parameter(torch.zeros(4))
     optimizer = build_optimizer(config, [ParamGroup("unet", [parameter], 1e-3)], torch.device("cpu"))
-    assert optimizer.param_groups[0]["fused"] is True  # torch >= 2.4 has a CPU kernel
+    # torch has a fused CPU kernel from 2.4 on (A1111's default torch 2.1 has it for CUDA only)
+    assert bool(optimizer.param_groups[0]["fused"]) is (torch.__version__ >= (2, 4))
     assert optimizer.param_groups[0]["name"] == "unet"

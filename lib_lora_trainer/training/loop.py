@@ -14,7 +14,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,12 @@ from lib_lora_trainer.network.adapters import (
     attached_adapters,
     plan_targets,
     targets_from_weights,
+)
+from lib_lora_trainer.training.device_settings import (
+    fp16_grad_scaler,
+    safe_cpu_attention,
+    tf32_matmul,
+    to_device_async,
 )
 from lib_lora_trainer.training.optim import (
     ParamGroup,
@@ -143,7 +149,11 @@ def train(
         clip_skip=config.clip_skip,
         mixed_precision=config.mixed_precision,
     )
-    with host.session(options), tf32_matmul(host.device):
+    with (
+        host.session(options),
+        tf32_matmul(host.device),
+        safe_cpu_attention(host.device, config.mixed_precision),
+    ):
         log.info("caching latents for %d batches per epoch", source.batches_per_epoch())
         source.prepare(host.encode_images)
         unet, text_encoder = host.unet(), host.text_encoder()
@@ -153,32 +163,6 @@ def train(
                 adapters.load(initial_weights)
             run = _Run(host, config, source, adapters, callbacks, output_dir, dataset_facts or DatasetFacts())
             return run.execute()
-
-
-@contextlib.contextmanager
-def tf32_matmul(device: torch.device) -> Iterator[None]:
-    """Let fp32 matmuls and convolutions use TF32 on CUDA for the run (the WebUI sets the same on Ampere+);
-    the previous flags come back afterwards. A no-op on other devices."""
-    if device.type != "cuda":
-        yield
-        return
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
-def to_device_async(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Copy a CPU batch tensor to ``device`` without making the CPU wait for the GPU.
-
-    A plain ``.to("cuda")`` of pageable memory synchronises the stream, so the CPU would wait for the
-    previous step's kernels before queueing this one; a pinned copy is queued and returns at once.
-    """
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        return tensor.to(dtype).pin_memory().to(device, non_blocking=True)
-    return tensor.to(device, dtype)
 
 
 def _trains_text_encoder(config: TrainingConfig) -> bool:
@@ -272,8 +256,7 @@ class _Run:
             trainable_parameters=sum(p.numel() for p in self.trainable),
         )
         self.scheduler = build_scheduler(config, self.optimizer, self.plan.total_steps)
-        use_scaler = config.mixed_precision == "fp16" and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.scaler = fp16_grad_scaler(self.device, config.mixed_precision)
         self.cond_cache = self._cache_conditioning()
         self.rng = random.Random(config.seed)
         self.session_id = uuid.uuid4().int % 2**31

@@ -307,7 +307,7 @@ def scenario_config(scenario: Scenario, settings: Settings, output_dir: Path, na
         epochs=1,
         batch_size=scenario.batch_size,
         mixed_precision=settings.mixed_precision,
-        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing="on" if settings.gradient_checkpointing else "off",
         save_precision="fp16",
         seed=1234,
     )

@@ -29,6 +29,7 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 DATASET_LAYOUTS = ("flat", "kohya")
 PARAMETERIZATIONS = ("auto", "eps", "v")
+GRADIENT_CHECKPOINTING = ("auto", "on", "off")
 
 # What A1111's Lora folder scan and every file system accept without surprises.
 OUTPUT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -107,7 +108,7 @@ class TrainingConfig:
 
     # --- precision and memory ---------------------------------------------------------------
     mixed_precision: str = "fp16"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: str = "auto"  # "auto": on only when memory needs it; "on"; "off"
     seed: int = 1234
 
     # --- samples --------------------------------------------------------------------------------
@@ -135,6 +136,8 @@ class TrainingConfig:
         problems: list[str] = []
         kwargs: dict[str, Any] = {}
         for name, value in values.items():
+            if name == "gradient_checkpointing" and isinstance(value, bool):
+                value = "on" if value else "off"  # configs saved before "auto" existed
             try:
                 kwargs[name] = _coerce(value, known[name])
             except (TypeError, ValueError):
@@ -297,6 +300,10 @@ def validate(config: TrainingConfig, *, need_dataset: bool = True) -> list[str]:
     check(config.noise_offset >= 0, "noise offset must not be negative")
     check(
         config.parameterization in PARAMETERIZATIONS, f"parameterization must be one of {PARAMETERIZATIONS}"
+    )
+    check(
+        config.gradient_checkpointing in GRADIENT_CHECKPOINTING,
+        f"gradient checkpointing must be one of {GRADIENT_CHECKPOINTING}",
     )
     check(1 <= config.clip_skip <= 12, "clip skip must be between 1 and 12")
     check(

@@ -91,7 +91,7 @@ _SIMPLE_FIELDS: dict[str, tuple[str, str]] = {
     "max_grad_norm": ("max_grad_norm", "float"),
     "min_snr_gamma": ("min_snr_gamma", "float"),
     "clip_skip": ("clip_skip", "int"),
-    "gradient_checkpointing": ("gradient_checkpointing", "bool"),
+    "gradient_checkpointing": ("gradient_checkpointing", "checkpointing"),
     "sample_every_n_epochs": ("sample_every_n_epochs", "int"),
 }
 
@@ -377,7 +377,19 @@ def _as_str(value: Any) -> str:
     return value
 
 
-_CONVERTERS = {"bool": _as_bool, "float": _as_float, "int": _as_int, "str": _as_str}
+def _as_checkpointing(value: Any) -> str:
+    # kohya has no "auto": its true is our "on"; its false (the default) leaves our "auto", which turns
+    # checkpointing on only when a step would otherwise not fit.
+    return "on" if _as_bool(value) else "auto"
+
+
+_CONVERTERS = {
+    "bool": _as_bool,
+    "float": _as_float,
+    "int": _as_int,
+    "str": _as_str,
+    "checkpointing": _as_checkpointing,
+}
 
 
 def migrate_old_fields(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -71,7 +71,7 @@ def test_bare_loop_trains_the_adapters_our_loop_attached():
     host = build_random_host("tiny")
     scenario = Scenario(64, 1, "lora", "trained")
     settings = Settings(torch.device("cpu"), "no", False, warmup=1, steps=1, window=1)
-    options = HostOptions(train_text_encoder=True, gradient_checkpointing=False)
+    options = HostOptions(train_text_encoder=True)
     with host.session(options):
         unet, text_encoder = host.unet(), host.text_encoder()
         spec = AdapterSpec(RANK, ALPHA, train_text_encoder=True)

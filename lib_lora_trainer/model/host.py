@@ -25,7 +25,6 @@ class HostOptions:
     """What the session must set up on the host for this run."""
 
     train_text_encoder: bool
-    gradient_checkpointing: bool
     clip_skip: int = 1
     mixed_precision: str = "no"  # "no", "fp16" or "bf16"
 
@@ -51,6 +50,10 @@ class TrainingHost(Protocol):
 
     def session(self, options: HostOptions) -> contextlib.AbstractContextManager[None]:
         """Prepare the live model for training; restore every change on exit, whatever the exit."""
+        ...
+
+    def gradient_checkpointing(self, enabled: bool) -> contextlib.AbstractContextManager[None]:
+        """Checkpoint the UNet's blocks while the context is open (in a session); no-op if not enabled."""
         ...
 
     def unet(self) -> nn.Module:

@@ -96,7 +96,6 @@ class StandaloneHost:
             with (
                 frozen_parameters(*modules),
                 sdp_attention(self._unet, self._use_sdp),
-                gradient_checkpointing(self._unet, options.gradient_checkpointing),
             ):
                 for root in modules:
                     root.eval()  # no dropout in the frozen base; adapters have none either
@@ -106,6 +105,9 @@ class StandaloneHost:
                 module.training = flag
             self._clip_skip = 1
             self._in_session = False
+
+    def gradient_checkpointing(self, enabled: bool) -> contextlib.AbstractContextManager[None]:
+        return gradient_checkpointing(self._unet, enabled)
 
     # --- model access -------------------------------------------------------------------------------
     def unet(self) -> nn.Module:

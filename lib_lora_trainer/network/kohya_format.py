@@ -358,6 +358,7 @@ class TrainingRunInfo:
     parameterization: Literal["eps", "v"] = "eps"  # the resolved one, never "auto"
     optimizer: str = ""  # e.g. "torch.optim.adamw.AdamW(weight_decay=0.01)"; "" = described from the config
     max_token_length: int | None = None  # None = 75 tokens, kohya's default
+    gradient_checkpointing: bool = False  # as the run used it ("auto" resolved)
     # The base model, from A1111's checkpoint info when known.
     sd_model_name: str = ""
     sd_model_hash: str = ""  # the old 8-hex "model hash"
@@ -455,7 +456,7 @@ def _optimisation_metadata(config: TrainingConfig, run: TrainingRunInfo) -> dict
         "ss_num_epochs": str(config.epochs),
         "ss_num_batches_per_epoch": str(run.num_batches_per_epoch),
         "ss_max_train_steps": str(run.max_train_steps),
-        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
+        "ss_gradient_checkpointing": str(run.gradient_checkpointing),
         "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
         "ss_lr_warmup_steps": str(config.warmup_steps_for(run.max_train_steps)),
         "ss_lr_scheduler": config.lr_scheduler,

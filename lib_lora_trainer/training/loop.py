@@ -39,6 +39,14 @@ from lib_lora_trainer.training.device_settings import (
     tf32_matmul,
     to_device_async,
 )
+from lib_lora_trainer.training.memory import (
+    CheckpointingChoice,
+    available_bytes,
+    choose_checkpointing,
+    free_cached_memory,
+    probe_activation_line,
+    step_need_bytes,
+)
 from lib_lora_trainer.training.optim import (
     ParamGroup,
     build_optimizer,
@@ -63,6 +71,7 @@ class TrainingPlan:
     epochs: int
     adapted_modules: int
     trainable_parameters: int
+    gradient_checkpointing: CheckpointingChoice = CheckpointingChoice(False, "off")
 
 
 @dataclass(frozen=True)
@@ -102,12 +111,19 @@ class TrainingCallbacks:
 
     def on_epoch_saved(self, saved: EpochSaved) -> None: ...
 
+    def on_notice(self, message: str) -> None:
+        """Something the user should know that changes how the run goes on (it goes on)."""
+
     def should_stop(self) -> bool:
         return False
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class TrainingOutOfMemory(RuntimeError):
+    """A step did not fit in memory, with every automatic remedy tried; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +161,6 @@ def train(
     torch.manual_seed(config.seed)
     options = HostOptions(
         train_text_encoder=_trains_text_encoder(config),
-        gradient_checkpointing=config.gradient_checkpointing,
         clip_skip=config.clip_skip,
         mixed_precision=config.mixed_precision,
     )
@@ -244,6 +259,11 @@ class _Run:
         if self.text_params:
             groups.append(ParamGroup("text_encoder", self.text_params, config.text_encoder_lr))
         self.optimizer = build_optimizer(config, groups, self.device)
+        self.scaler = fp16_grad_scaler(self.device, config.mixed_precision)
+        self.cond_cache = self._cache_conditioning()
+        self.checkpointing_stack = contextlib.ExitStack()
+        self.checkpointing_on = False
+        checkpointing = self._choose_checkpointing()
 
         batches = source.batches_per_epoch()
         steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
@@ -254,10 +274,9 @@ class _Run:
             epochs=config.epochs,
             adapted_modules=len(adapters.targets),
             trainable_parameters=sum(p.numel() for p in self.trainable),
+            gradient_checkpointing=checkpointing,
         )
         self.scheduler = build_scheduler(config, self.optimizer, self.plan.total_steps)
-        self.scaler = fp16_grad_scaler(self.device, config.mixed_precision)
-        self.cond_cache = self._cache_conditioning()
         self.rng = random.Random(config.seed)
         self.session_id = uuid.uuid4().int % 2**31
         self.started_at = time.time()
@@ -270,14 +289,22 @@ class _Run:
 
     # --- the loop -----------------------------------------------------------------------------------
     def execute(self) -> TrainingResult:
+        with self.checkpointing_stack:
+            if self.plan.gradient_checkpointing.enabled:
+                self._checkpoint_from_now()
+            return self._execute()
+
+    def _execute(self) -> TrainingResult:
         self.callbacks.on_start(self.plan)
         log.info(
-            "training %s: %d epochs x %d steps, %d adapted modules, %d trainable parameters",
+            "training %s: %d epochs x %d steps, %d adapted modules, %d trainable parameters; "
+            "gradient checkpointing %s",
             self.config.output_name,
             self.plan.epochs,
             self.plan.steps_per_epoch,
             self.plan.adapted_modules,
             self.plan.trainable_parameters,
+            self.plan.gradient_checkpointing.reason,
         )
         try:
             for epoch in range(1, self.config.epochs + 1):
@@ -293,17 +320,91 @@ class _Run:
         self.epoch_losses = []
         accumulation = self.config.gradient_accumulation_steps
         batches = self.plan.batches_per_epoch
+        window: list[TrainingBatch] = []  # the batches of this optimizer step
         for index, batch in enumerate(self.source.epoch(epoch - 1, self.rng)):
             if self.callbacks.should_stop():
                 return False
-            loss = self._loss(batch)
-            self.pending_losses.append((self.step + 1, loss.detach()))
-            self._backward(loss / accumulation)
+            window.append(batch)
+            self._accumulate(window)
             if (index + 1) % accumulation == 0 or index + 1 == batches:
                 self._optimizer_step()
                 self.step += 1
                 self._report(epoch, epoch_end=index + 1 == batches)
+                window = []
         return not self.callbacks.should_stop()
+
+    def _accumulate(self, window: list[TrainingBatch]) -> None:
+        """Forward and backward of the window's newest batch. If it runs out of memory while "auto" has
+        checkpointing off, checkpointing goes on and the whole window is done again (a failed backward
+        leaves partial gradients)."""
+        if self._forward_backward(window[-1]):
+            return
+        if self.checkpointing_on or self.config.gradient_checkpointing != "auto":
+            raise TrainingOutOfMemory(self._out_of_memory_advice())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending_losses = [(step, loss) for step, loss in self.pending_losses if step <= self.step]
+        free_cached_memory(self.device)
+        self._checkpoint_from_now()
+        notice = (
+            f"Step {self.step + 1} ran out of memory with gradient checkpointing off; "
+            "switched it on for the rest of the run and did the step again."
+        )
+        log.warning("%s", notice)
+        self.callbacks.on_notice(notice)
+        for batch in window:
+            if not self._forward_backward(batch):
+                raise TrainingOutOfMemory(self._out_of_memory_advice())
+
+    def _forward_backward(self, batch: TrainingBatch) -> bool:
+        """False when the batch did not fit in memory (what it allocated is released on return)."""
+        try:
+            loss = self._loss(batch)
+            self.pending_losses.append((self.step + 1, loss.detach()))
+            self._backward(loss / self.config.gradient_accumulation_steps)
+        except torch.cuda.OutOfMemoryError:
+            return False
+        return True
+
+    def _out_of_memory_advice(self) -> str:
+        where = "GPU" if self.device.type == "cuda" else self.device.type.upper()
+        checkpointing = "on" if self.checkpointing_on else "off"
+        return (
+            f"Out of {where} memory at step {self.step + 1} (batch size {self.config.batch_size}, "
+            f"{self.config.resolution} px, gradient checkpointing {checkpointing}). Lower the batch size or "
+            "the resolution, use a lower rank, keep the text encoder frozen, or close other programs "
+            f"that use the {where}. Epoch files saved so far are kept."
+        )
+
+    # --- gradient checkpointing ---------------------------------------------------------------------
+    def _choose_checkpointing(self) -> CheckpointingChoice:
+        mode = self.config.gradient_checkpointing
+        free = available_bytes(self.device) if mode == "auto" else None
+        if free is None:
+            return choose_checkpointing(mode, None, None)
+        weights = [p for m in (self.host.unet(), self.host.text_encoder()) for p in m.parameters()]
+        try:
+            line = probe_activation_line(self._probe_forward, weights)
+        except torch.cuda.OutOfMemoryError:
+            line = None
+        if line is None:  # outside the except block, so what the probe held is released first
+            free_cached_memory(self.device)
+            return CheckpointingChoice(True, "auto: on (the memory probe itself ran out of memory)")
+        side = self.config.resolution // 8
+        trainable = sum(p.numel() for p in self.trainable)
+        need = step_need_bytes(line, self.config.batch_size, side * side, trainable, self.config.optimizer)
+        return choose_checkpointing(mode, need, free)
+
+    def _probe_forward(self, side: int) -> torch.Tensor:
+        """One sample through the text encoder (if trained) and the UNet at side x side latents."""
+        latents = torch.zeros(1, 4, side, side, device=self.device)
+        timesteps = torch.full((1,), len(self.alphas_cumprod) - 1, dtype=torch.long, device=self.device)
+        cond = self._conditioning(self.source.captions()[:1] or [""])
+        with self.host.autocast(self.config.mixed_precision):
+            return self.host.predict(latents, timesteps, cond)
+
+    def _checkpoint_from_now(self) -> None:
+        self.checkpointing_stack.enter_context(self.host.gradient_checkpointing(True))
+        self.checkpointing_on = True
 
     def _loss(self, batch: TrainingBatch) -> torch.Tensor:
         latents = to_device_async(batch.latents, self.device, torch.float32)
@@ -436,6 +537,7 @@ class _Run:
             training_started_at=self.started_at,
             parameterization=self.parameterization,
             optimizer=describe_optimizer(self.config),
+            gradient_checkpointing=self.checkpointing_on,
             sd_model_name=info.name,
             sd_model_hash=info.hash_legacy,
             new_sd_model_hash=info.hash_sha256,

@@ -14,6 +14,7 @@ from typing import Any
 
 from lib_lora_trainer.config import (
     DATASET_LAYOUTS,
+    GRADIENT_CHECKPOINTING,
     LR_SCHEDULERS,
     MIXED_PRECISIONS,
     NETWORK_TYPES,
@@ -169,8 +170,9 @@ FIELDS: tuple[FieldSpec, ...] = (
     _f("mixed_precision", "Mixed precision", "choice", ADVANCED,
        "fp16 (most GPUs) or bf16 (RTX 30xx and newer).",
        choices=MIXED_PRECISIONS),
-    _f("gradient_checkpointing", "Gradient checkpointing", "bool", ADVANCED,
-       "Less GPU memory, about 30% slower."),
+    _f("gradient_checkpointing", "Gradient checkpointing", "choice", ADVANCED,
+       "Less memory, 30-50% slower. auto = on only when a step would not fit in free memory.",
+       choices=GRADIENT_CHECKPOINTING),
     _f("seed", "Seed", "int", ADVANCED, "Makes a run repeatable."),
 )  # fmt: skip
 

@@ -28,7 +28,13 @@ from lib_lora_trainer.outputs.registry import (
 )
 from lib_lora_trainer.outputs.samples import SampleError, sample_due, sample_requests
 from lib_lora_trainer.paths import PathNotAllowedError
-from lib_lora_trainer.training.loop import EpochSaved, StepProgress, TrainingCallbacks, TrainingPlan
+from lib_lora_trainer.training.loop import (
+    EpochSaved,
+    StepProgress,
+    TrainingCallbacks,
+    TrainingOutOfMemory,
+    TrainingPlan,
+)
 from lib_lora_trainer.training.run import run_training
 from lib_lora_trainer.ui.services import HostServices, JobFrame
 
@@ -189,7 +195,7 @@ class TrainingJob:
                 )
             self._update(state=result.status, message=result.message)
             self._log(result.message)
-        except (ConfigError, DatasetError, HostRefused, PathNotAllowedError) as error:
+        except (ConfigError, DatasetError, HostRefused, PathNotAllowedError, TrainingOutOfMemory) as error:
             self._fail(str(error))
         except Exception as error:  # anything else must still end the job visibly
             logger.exception("training %s failed", self.run.name)
@@ -222,7 +228,8 @@ class TrainingJob:
         )
         self._log(
             f"{plan.total_steps} steps ({plan.epochs} epochs x {plan.steps_per_epoch}), "
-            f"{plan.adapted_modules} adapted modules, {plan.trainable_parameters:,} trainable parameters"
+            f"{plan.adapted_modules} adapted modules, {plan.trainable_parameters:,} trainable parameters; "
+            f"gradient checkpointing {plan.gradient_checkpointing.reason}"
         )
         self._report_progress()
 
@@ -314,6 +321,9 @@ class _Callbacks(TrainingCallbacks):
 
     def on_epoch_saved(self, saved: EpochSaved) -> None:
         self.job.on_epoch_saved(saved)
+
+    def on_notice(self, message: str) -> None:
+        self.job._log(message)
 
     def should_stop(self) -> bool:
         return self.job.should_stop()

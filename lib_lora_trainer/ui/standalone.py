@@ -292,7 +292,7 @@ class StandaloneServices:
         loaded = {kohya_format.module_name_from_kohya(name): w for name, w in modules.items()}
         for module in loaded.values():
             module.up = module.up * weight
-        with self.host.session(HostOptions(train_text_encoder=True, gradient_checkpointing=False)):
+        with self.host.session(HostOptions(train_text_encoder=True)):
             targets = targets_from_weights(loaded)
             with attached_adapters(self.host.unet(), self.host.text_encoder(), targets) as adapters:
                 adapters.load(loaded)

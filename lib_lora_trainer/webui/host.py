@@ -109,6 +109,9 @@ class A1111Host:
         # apply_model is A1111's wrapper: it casts to the UNet's dtype and runs under its autocast
         return self._model().apply_model(noisy_latents, timesteps, cond)
 
+    def gradient_checkpointing(self, enabled: bool) -> contextlib.AbstractContextManager[None]:
+        return gradient_checkpointing(self._model().model.diffusion_model, enabled)
+
     # --- session ------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def session(self, options: HostOptions) -> Iterator[None]:
@@ -123,8 +126,6 @@ class A1111Host:
             undo.enter_context(frozen_parameters(model))
             undo.enter_context(_kept_training_flags(model))
             undo.enter_context(_sdp_attention(sd_hijack))
-            unet = model.model.diffusion_model
-            undo.enter_context(gradient_checkpointing(unet, options.gradient_checkpointing))
             undo.enter_context(_clip_skip(shared, options.clip_skip))
             yield
 

@@ -49,8 +49,8 @@ def test_adapters_are_float32_on_a_half_precision_model_and_detach_cleanly():
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_every_adapter_gets_a_gradient_with_a_frozen_text_encoder(checkpointing):
     host = tiny_host()
-    options = HostOptions(train_text_encoder=False, gradient_checkpointing=checkpointing)
-    with host.session(options):
+    options = HostOptions(train_text_encoder=False)
+    with host.session(options), host.gradient_checkpointing(checkpointing):
         targets = targets_for(host, locon=True, train_text_encoder=False)
         with attached_adapters(host.unet(), host.text_encoder(), targets) as adapters:
             params = adapters.parameters("unet")
@@ -71,9 +71,10 @@ def test_every_adapter_gets_a_gradient_with_a_frozen_text_encoder(checkpointing)
 
 def test_text_encoder_adapters_get_gradients_through_encode_text():
     host = tiny_host()
-    options = HostOptions(train_text_encoder=True, gradient_checkpointing=True, clip_skip=2)
+    options = HostOptions(train_text_encoder=True, clip_skip=2)
     with (
         host.session(options),
+        host.gradient_checkpointing(True),
         attached_adapters(host.unet(), host.text_encoder(), targets_for(host)) as adapters,
     ):
         params = adapters.parameters("text_encoder")

@@ -82,7 +82,9 @@ class CountingHost:
 
 def test_frozen_text_encoder_encodes_each_caption_once(tmp_path):
     host = CountingHost(tiny_host())
-    result = train(host, tiny_config(tmp_path, train_text_encoder=False, epochs=3), small_source())
+    # "off": no memory probe, whose two forwards would count here
+    config = tiny_config(tmp_path, train_text_encoder=False, epochs=3, gradient_checkpointing="off")
+    result = train(host, config, small_source())
     assert result.status == "completed"
     assert host.unet_calls == 6 and host.text_calls == 4  # 4 distinct captions, 6 steps
 

@@ -92,7 +92,7 @@ def test_saved_files_merge_to_the_trained_model(tmp_path, network_type):
 def test_model_is_restored_exactly_after_success(tmp_path):
     host = tiny_host()
     before = host_fingerprint(host)
-    train(host, tiny_config(tmp_path, epochs=1, gradient_checkpointing=True), small_source())
+    train(host, tiny_config(tmp_path, epochs=1, gradient_checkpointing="on"), small_source())
     assert host_fingerprint(host) == before
 
 
@@ -139,7 +139,7 @@ def test_exception_mid_step_restores_model(tmp_path):
     host = tiny_host()
     before = host_fingerprint(host)
     with pytest.raises(RuntimeError, match="simulated"):
-        config = tiny_config(tmp_path, gradient_checkpointing=True)
+        config = tiny_config(tmp_path, gradient_checkpointing="on")
         train(FailingHost(host, fail_at_call=3), config, small_source())
     assert host_fingerprint(host) == before
 
@@ -154,7 +154,8 @@ class NanHost(FailingHost):
 def test_nan_loss_stops_with_message_and_keeps_last_good_epoch(tmp_path):
     host = tiny_host()
     before = host_fingerprint(host)
-    result = train(NanHost(host, fail_at_call=4), tiny_config(tmp_path, epochs=3), small_source())
+    config = tiny_config(tmp_path, epochs=3, gradient_checkpointing="off")  # no probe: calls counted
+    result = train(NanHost(host, fail_at_call=4), config, small_source())
     assert result.status == "stopped_nonfinite_loss"
     assert "alice-000001.safetensors" in result.message and "learning rate" in result.message
     assert [s.epoch for s in result.epochs] == [1]

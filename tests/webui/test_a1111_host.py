@@ -157,7 +157,7 @@ def test_training_gives_the_model_back_exactly(webui, tmp_path):
             clip_skip_seen.append(webui.shared.opts.data["CLIP_stop_at_last_layers"])
             clip_skip_seen.append(list(webui.shared.loaded_hypernetworks))
 
-    config = tiny_config(tmp_path, clip_skip=2, gradient_checkpointing=True)
+    config = tiny_config(tmp_path, clip_skip=2, gradient_checkpointing="on")
     result = train(host(), config, source(), Spy())
 
     assert result.status == "completed"

@@ -1,0 +1,142 @@
+"""How much memory a training step needs, and so whether gradient checkpointing must be on.
+
+Checkpointing recomputes each UNet block's forward during backward: 30-49 % more time per step for
+35-41 % less extra memory (``benchmarks/results/ablations``). ``"auto"``, the default, pays that only
+when a step would not fit otherwise:
+
+1. a probe runs the live UNet (adapters attached) forward at two small latent sizes and adds up the
+   bytes autograd keeps for backward. With scaled-dot-product attention they grow linearly with the
+   latent area (no attention matrix is kept), so the two points give a line, read at the largest batch:
+   batch size x (resolution / 8)², the area every bucket stays within;
+2. need = those bytes x 1.45 (backward's own buffers) + the gradients and optimizer state of the
+   trainable parameters;
+3. free = what the device has free plus what torch's allocator holds unused (CUDA), or the system's
+   available memory (CPU);
+4. checkpointing goes on when need > 90 % of free.
+
+A step that still runs out of memory with checkpointing off switches it on and is done again (loop.py).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GIB = 1024**3
+PROBE_LATENT_SIDES = (8, 16)  # 64 and 128 px: cheap; on SD1.5 the same line as 128/256 px to the byte
+# Calibrated on the CPU benchmark (SD1.5, 512 px, batch 1, rank 32): the probe line gives 1.74 GiB kept
+# for backward, the measured peak over the loaded model was 2.80 GiB, 0.29 GiB of it parameter state.
+BACKWARD_HEADROOM = 1.45
+USABLE_FRACTION = 0.9
+GRADIENT_BYTES = 4  # adapters train in fp32
+OPTIMIZER_STATE_BYTES = {"AdamW": 8, "AdamW8bit": 2, "Adafactor": 4, "Prodigy": 16}
+
+
+@dataclass(frozen=True)
+class ActivationLine:
+    """Bytes kept for backward by one sample: ``fixed + per_latent_pixel x latent pixels``."""
+
+    fixed_bytes: float
+    bytes_per_latent_pixel: float
+
+    def bytes_for(self, batch_size: int, latent_pixels: int) -> int:
+        return int(max(0.0, self.fixed_bytes) + batch_size * self.bytes_per_latent_pixel * latent_pixels)
+
+
+@dataclass(frozen=True)
+class CheckpointingChoice:
+    enabled: bool
+    reason: str  # for the log and the Run panel
+
+
+def saved_tensor_bytes(forward: Callable[[], object], exclude: Iterable[torch.Tensor]) -> int:
+    """Bytes of the tensors autograd keeps while ``forward`` runs, each storage counted once.
+
+    Storages of ``exclude`` (the model's own weights, which exist anyway) are not counted.
+    """
+    excluded = {tensor.untyped_storage().data_ptr() for tensor in exclude}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = forward()
+    del result  # the graph, and what it kept, goes with it
+    return sum(kept.values())
+
+
+def probe_activation_line(
+    forward_at: Callable[[int], object],
+    exclude: Iterable[torch.Tensor],
+    sides: tuple[int, int] = PROBE_LATENT_SIDES,
+) -> ActivationLine:
+    """The activation line from two probes; ``forward_at(side)`` runs one sample at side x side latents."""
+    weights = list(exclude)
+    small, large = sides
+    small_bytes = saved_tensor_bytes(lambda: forward_at(small), weights)
+    large_bytes = saved_tensor_bytes(lambda: forward_at(large), weights)
+    slope = max(0.0, (large_bytes - small_bytes) / (large * large - small * small))
+    return ActivationLine(fixed_bytes=small_bytes - slope * small * small, bytes_per_latent_pixel=slope)
+
+
+def parameter_state_bytes(trainable_parameters: int, optimizer: str) -> int:
+    """Gradients plus optimizer state for the trainable parameters."""
+    per_parameter = GRADIENT_BYTES + OPTIMIZER_STATE_BYTES.get(optimizer, 8)
+    return trainable_parameters * per_parameter
+
+
+def step_need_bytes(
+    line: ActivationLine, batch_size: int, latent_pixels: int, trainable_parameters: int, optimizer: str
+) -> int:
+    """What one training step needs beyond the loaded model and the adapters themselves."""
+    activations = line.bytes_for(batch_size, latent_pixels) * BACKWARD_HEADROOM
+    return int(activations) + parameter_state_bytes(trainable_parameters, optimizer)
+
+
+def free_cached_memory(device: torch.device) -> None:
+    """Give back what a failed step left in torch's allocator."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a step can still use on ``device``, or None where it cannot be told."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        held_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + held_unused)
+    if device.type == "cpu":
+        return _linux_available_memory()
+    return None
+
+
+def _linux_available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    try:
+        for line in meminfo.read_text(encoding="ascii").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def choose_checkpointing(mode: str, need_bytes: int | None, free_bytes: int | None) -> CheckpointingChoice:
+    """Whether to checkpoint, for ``mode`` "on", "off" or "auto" (from the estimate and free memory)."""
+    if mode == "on":
+        return CheckpointingChoice(True, "on (chosen in the settings)")
+    if mode == "off":
+        return CheckpointingChoice(False, "off (chosen in the settings)")
+    if need_bytes is None or free_bytes is None:
+        return CheckpointingChoice(False, "auto: off (free memory unknown on this device)")
+    enabled = need_bytes > USABLE_FRACTION * free_bytes
+    estimate = f"a step needs about {need_bytes / GIB:.1f} GiB, {free_bytes / GIB:.1f} GiB free"
+    return CheckpointingChoice(enabled, f"auto: {'on' if enabled else 'off'} ({estimate})")

@@ -55,6 +55,9 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
         pairs = [o / b for o, b in zip(row["ours_samples"], row["bare_samples"], strict=True)]
         assert row["paired_ratio_median"] == pytest.approx(np.median(pairs))
         assert row["peak_bytes"] > 0
+    # the probe's estimate grows with the step: batch 2 with a trained text encoder needs more
+    estimates = [row["estimated_extra_bytes"] for row in results["scenarios"]]
+    assert 0 < estimates[0] < estimates[1]
     model = results["model"]
     assert model["total_tensor_bytes"] == sum(model["tensor_bytes"].values())
     startup = results["startup"]

@@ -43,9 +43,8 @@ from lib_lora_trainer.training.memory import (
     CheckpointingChoice,
     available_bytes,
     choose_checkpointing,
+    estimate_step_bytes,
     free_cached_memory,
-    probe_activation_line,
-    step_need_bytes,
 )
 from lib_lora_trainer.training.optim import (
     ParamGroup,
@@ -381,26 +380,23 @@ class _Run:
         free = available_bytes(self.device) if mode == "auto" else None
         if free is None:
             return choose_checkpointing(mode, None, None)
-        weights = [p for m in (self.host.unet(), self.host.text_encoder()) for p in m.parameters()]
+        captions = self.source.captions()[:1] or [""]
         try:
-            line = probe_activation_line(self._probe_forward, weights)
+            need = estimate_step_bytes(
+                self.host,
+                lambda: self._conditioning(captions),
+                mixed_precision=self.config.mixed_precision,
+                batch_size=self.config.batch_size,
+                resolution=self.config.resolution,
+                trainable_parameters=sum(p.numel() for p in self.trainable),
+                optimizer=self.config.optimizer,
+            )
         except torch.cuda.OutOfMemoryError:
-            line = None
-        if line is None:  # outside the except block, so what the probe held is released first
+            need = None
+        if need is None:  # outside the except block, so what the probe held is released first
             free_cached_memory(self.device)
             return CheckpointingChoice(True, "auto: on (the memory probe itself ran out of memory)")
-        side = self.config.resolution // 8
-        trainable = sum(p.numel() for p in self.trainable)
-        need = step_need_bytes(line, self.config.batch_size, side * side, trainable, self.config.optimizer)
         return choose_checkpointing(mode, need, free)
-
-    def _probe_forward(self, side: int) -> torch.Tensor:
-        """One sample through the text encoder (if trained) and the UNet at side x side latents."""
-        latents = torch.zeros(1, 4, side, side, device=self.device)
-        timesteps = torch.full((1,), len(self.alphas_cumprod) - 1, dtype=torch.long, device=self.device)
-        cond = self._conditioning(self.source.captions()[:1] or [""])
-        with self.host.autocast(self.config.mixed_precision):
-            return self.host.predict(latents, timesteps, cond)
 
     def _checkpoint_from_now(self) -> None:
         self.checkpointing_stack.enter_context(self.host.gradient_checkpointing(True))

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from lib_lora_trainer.model.host import TrainingHost
+
 GIB = 1024**3
 PROBE_LATENT_SIDES = (8, 16)  # 64 and 128 px: cheap; on SD1.5 the same line as 128/256 px to the byte
 # Calibrated on the CPU benchmark (SD1.5, 512 px, batch 1, rank 32): the probe line gives 1.74 GiB kept
@@ -99,6 +101,36 @@ def step_need_bytes(
     """What one training step needs beyond the loaded model and the adapters themselves."""
     activations = line.bytes_for(batch_size, latent_pixels) * BACKWARD_HEADROOM
     return int(activations) + parameter_state_bytes(trainable_parameters, optimizer)
+
+
+def estimate_step_bytes(
+    host: TrainingHost,
+    conditioning: Callable[[], torch.Tensor],
+    *,
+    mixed_precision: str,
+    batch_size: int,
+    resolution: int,
+    trainable_parameters: int,
+    optimizer: str,
+) -> int:
+    """Probe ``host``'s UNet (adapters attached, inside a session) and estimate one step's extra memory.
+
+    ``conditioning()`` gives one caption's conditioning as training makes it: through the text encoder
+    with gradients when it is trained, so its activations count too.
+    """
+    device = host.device
+    last_timestep = len(host.alphas_cumprod()) - 1
+
+    def forward_at(side: int) -> torch.Tensor:
+        latents = torch.zeros(1, 4, side, side, device=device)
+        timesteps = torch.full((1,), last_timestep, dtype=torch.long, device=device)
+        with host.autocast(mixed_precision):
+            return host.predict(latents, timesteps, conditioning())
+
+    weights = [p for module in (host.unet(), host.text_encoder()) for p in module.parameters()]
+    line = probe_activation_line(forward_at, weights)
+    side = resolution // 8
+    return step_need_bytes(line, batch_size, side * side, trainable_parameters, optimizer)
 
 
 def free_cached_memory(device: torch.device) -> None:

@@ -7,5 +7,5 @@ bash tools/setup_test_env.sh .venv
 bash tools/setup_browser.sh .venv   # Debian chromium + playwright for the browser test
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q -p no:cacheprovider
-bash tools/setup_torch21_env.sh .venv-torch21
+TORCH_VERSION=2.1.2 bash tools/setup_test_env.sh .venv-torch21
 .venv-torch21/bin/python -m pytest -q -p no:cacheprovider -m "not browser"

@@ -245,7 +245,7 @@ def build_host(args: argparse.Namespace, device: torch.device, mixed_precision: 
         from lib_lora_trainer.model.standalone import build_random_host
 
         host = build_random_host(args.model, device=str(device), use_sdp_attention=args.sdp)
-        for module in (host.unet(), host.text_encoder(), host._vae):
+        for module in (host.unet(), host.text_encoder(), host.vae()):
             module.to(dtype)
     if args.channels_last:
         host.unet().to(memory_format=torch.channels_last)
@@ -261,7 +261,7 @@ def model_memory(host, resident_bytes: int) -> dict:
     parts = {
         "unet": module_bytes(host.unet()),
         "text_encoder": module_bytes(host.text_encoder()),
-        "vae": module_bytes(host._vae),
+        "vae": module_bytes(host.vae()),
     }
     return {
         "tensor_bytes": parts,

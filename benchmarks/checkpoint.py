@@ -16,7 +16,7 @@ from torch import nn
 
 from lib_lora_trainer.model import ldm_parts
 from lib_lora_trainer.model.host import BaseModelInfo
-from lib_lora_trainer.model.standalone import HashTokenizer, StandaloneHost
+from lib_lora_trainer.model.standalone import StandaloneHost, host_over
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,7 @@ OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD2.x: OpenCLIP, not supported h
 IGNORED_SUFFIXES = ("embeddings.position_ids",)
 IGNORED_PREFIXES = ("loss.",)
 
-SIZES = {
-    "sd15": (ldm_parts.SD15_UNET_CONFIG, ldm_parts.SD15_VAE_CONFIG, ldm_parts.SD15_TEXT_ENCODER),
-    "tiny": (ldm_parts.TINY_UNET_CONFIG, ldm_parts.TINY_VAE_CONFIG, ldm_parts.TINY_TEXT_ENCODER),
-}
+SIZES = ldm_parts.MODEL_SIZES
 
 
 class CheckpointError(ValueError):
@@ -114,16 +111,15 @@ def load_checkpoint_host(
     _load_into(unet, parts["unet"], "UNet")
     _load_into(vae, parts["vae"], "VAE")
     _load_into(text_encoder, parts["text_encoder"], "text encoder")
-    for module in (unet, vae, text_encoder):
-        module.to(device, dtype).eval()
     alphas = state.get("alphas_cumprod")
     log.info("loaded %s (%d tensors) onto %s as %s", path.name, len(state), device, dtype)
-    return StandaloneHost(
-        unet=unet,
-        text_encoder=text_encoder,
-        vae=vae,
-        tokenizer=HashTokenizer(text_shape.vocab_size),
+    return host_over(
+        unet,
+        text_encoder,
+        vae,
+        vocab_size=text_shape.vocab_size,
         device=device,
+        dtype=dtype,
         alphas_cumprod=alphas.float() if alphas is not None else None,
         use_sdp_attention=use_sdp_attention,
         model_info=BaseModelInfo(name=path.stem),

@@ -101,7 +101,7 @@ def _sd_checkpoint(host, *, old_text_layout: bool = False) -> dict[str, torch.Te
     state = {}
     for prefix, module in (
         ("model.diffusion_model.", host.unet()),
-        ("first_stage_model.", host._vae),
+        ("first_stage_model.", host.vae()),
         ("cond_stage_model.transformer.", host.text_encoder()),
     ):
         for key, tensor in module.state_dict().items():
@@ -123,7 +123,7 @@ def test_checkpoint_keys_map_onto_ldm_and_clip(tmp_path, old_text_layout):
     for original, copy in (
         (source.unet(), loaded.unet()),
         (source.text_encoder(), loaded.text_encoder()),
-        (source._vae, loaded._vae),
+        (source.vae(), loaded.vae()),
     ):
         theirs = copy.state_dict()
         for key, tensor in original.state_dict().items():

@@ -167,6 +167,14 @@ def _shown(names: tuple[str, ...] | list[str]) -> str:
     return shown + (f" and {len(names) - MAX_NAMES_SHOWN} more" if len(names) > MAX_NAMES_SHOWN else "")
 
 
+def _images_warning(code: str, records: list[tuple[Subset, ImageRecord]], what: str) -> DatasetWarning | None:
+    """ "<count> <what>: a.png, b.png and 3 more", naming ``records``; None when there are none."""
+    if not records:
+        return None
+    names = _names(records)
+    return DatasetWarning(code, f"{len(records)} {what}: {_shown(names)}", names)
+
+
 def _too_few_images(dataset: ScannedDataset) -> DatasetWarning | None:
     count = len(_train_records(dataset))
     if count >= MIN_CHARACTER_IMAGES:
@@ -196,14 +204,11 @@ def _steps_out_of_range(plan: EpochPlan) -> DatasetWarning | None:
 
 def _low_resolution(dataset: ScannedDataset) -> DatasetWarning | None:
     small = [(s, r) for s, r in _train_records(dataset) if min(r.width, r.height) < LOW_RESOLUTION_SIDE]
-    if not small:
-        return None
-    names = _names(small)
-    return DatasetWarning(
+    return _images_warning(
         "low_resolution",
-        f"{len(small)} image(s) are under {LOW_RESOLUTION_SIDE} px on the short side and will be upscaled, "
-        f"which teaches blur: {_shown(names)}",
-        names,
+        small,
+        f"image(s) are under {LOW_RESOLUTION_SIDE} px on the short side and will be upscaled, "
+        "which teaches blur",
     )
 
 
@@ -213,14 +218,11 @@ def _elongated(dataset: ScannedDataset) -> DatasetWarning | None:
         for s, r in _train_records(dataset)
         if max(r.width, r.height) / min(r.width, r.height) > ELONGATED_RATIO
     ]
-    if not long:
-        return None
-    names = _names(long)
-    return DatasetWarning(
+    return _images_warning(
         "elongated",
-        f"{len(long)} image(s) are more elongated than {ELONGATED_RATIO}:1, so a large part is cropped "
-        f"away; crop them by hand to what matters: {_shown(names)}",
-        names,
+        long,
+        f"image(s) are more elongated than {ELONGATED_RATIO}:1, so a large part is cropped away; "
+        "crop them by hand to what matters",
     )
 
 
@@ -243,16 +245,15 @@ def _missing_captions(dataset: ScannedDataset, config: TrainingConfig) -> Datase
     missing = [(s, r) for s, r in _train_records(dataset) if r.caption_file is None]
     if not missing:
         return None
-    names = _names(missing)
     tokens = sorted({s.class_tokens for s, _ in missing if s.class_tokens})
     fallback = f"the class token ({', '.join(repr(t) for t in tokens)})" if tokens else "no caption at all"
     if config.trigger_word.strip():
         fallback += f" plus the trigger word {config.trigger_word.strip()!r}"
-    return DatasetWarning(
+    return _images_warning(
         "missing_captions",
-        f"{len(missing)} image(s) have no {config.caption_extension} caption file, so they train with "
-        f"{fallback}; caption them (WD14) for better control: {_shown(names)}",
-        names,
+        missing,
+        f"image(s) have no {config.caption_extension} caption file, so they train with {fallback}; "
+        "caption them (WD14) for better control",
     )
 
 
@@ -275,14 +276,11 @@ def _captions_without_trigger(dataset: ScannedDataset, config: TrainingConfig) -
         for s, r in _train_records(dataset)
         if r.caption_file is not None and not has_trigger(r.caption, trigger)
     ]
-    if not lacking:
-        return None
-    names = _names(lacking)
-    return DatasetWarning(
+    return _images_warning(
         "captions_without_trigger",
-        f"{len(lacking)} caption(s) do not contain the trigger word {trigger!r}; it is put first at "
-        f"training time (the files are not changed): {_shown(names)}",
-        names,
+        lacking,
+        f"caption(s) do not contain the trigger word {trigger!r}; it is put first at training time "
+        "(the files are not changed)",
     )
 
 

@@ -74,6 +74,12 @@ class TextEncoderShape:
 SD15_TEXT_ENCODER = TextEncoderShape()
 TINY_TEXT_ENCODER = TextEncoderShape(hidden_size=32, layers=4, heads=4, intermediate_size=64, vocab_size=1000)
 
+# The architectures the stand-alone host builds: (UNet config, VAE config, text encoder shape).
+MODEL_SIZES = {
+    "tiny": (TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_ENCODER),
+    "sd15": (SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_ENCODER),
+}
+
 
 def build_unet(config: dict) -> nn.Module:
     from ldm.modules.diffusionmodules.openaimodel import UNetModel

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import re
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,6 +111,10 @@ class StandaloneHost:
         return gradient_checkpointing(self._unet, enabled)
 
     # --- model access -------------------------------------------------------------------------------
+    def vae(self) -> nn.Module:
+        """The VAE (not part of the host protocol: the stand-alone sampler and the tests use it)."""
+        return self._vae
+
     def unet(self) -> nn.Module:
         return self._unet
 
@@ -162,27 +167,44 @@ def build_random_host(
     """
     from lib_lora_trainer.model import ldm_parts
 
-    shapes = {
-        "tiny": (ldm_parts.TINY_UNET_CONFIG, ldm_parts.TINY_VAE_CONFIG, ldm_parts.TINY_TEXT_ENCODER),
-        "sd15": (ldm_parts.SD15_UNET_CONFIG, ldm_parts.SD15_VAE_CONFIG, ldm_parts.SD15_TEXT_ENCODER),
-    }
-    if size not in shapes:
-        raise ValueError(f"unknown model size {size!r}; use one of {sorted(shapes)}")
-    unet_config, vae_config, text_shape = shapes[size]
+    if size not in ldm_parts.MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; use one of {sorted(ldm_parts.MODEL_SIZES)}")
+    unet_config, vae_config, text_shape = ldm_parts.MODEL_SIZES[size]
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     unet = ldm_parts.build_unet(unet_config)
     ldm_parts.reinitialise_zero_layers(unet, generator)
     text_encoder = ldm_parts.build_text_encoder(text_shape)
     vae = ldm_parts.build_vae(vae_config)
+    return host_over(
+        unet,
+        text_encoder,
+        vae,
+        vocab_size=text_shape.vocab_size,
+        device=device,
+        use_sdp_attention=use_sdp_attention,
+        model_info=BaseModelInfo(name=f"random-{size}-seed{seed}"),
+    )
+
+
+def host_over(
+    unet: nn.Module,
+    text_encoder: nn.Module,
+    vae: nn.Module,
+    *,
+    vocab_size: int,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    **host_options: Any,
+) -> StandaloneHost:
+    """A :class:`StandaloneHost` over freshly built modules, moved to ``device`` (and ``dtype``) for eval."""
     for module in (unet, text_encoder, vae):
-        module.to(device).eval()
+        module.to(device, dtype).eval()
     return StandaloneHost(
         unet=unet,
         text_encoder=text_encoder,
         vae=vae,
-        tokenizer=HashTokenizer(text_shape.vocab_size),
+        tokenizer=HashTokenizer(vocab_size),
         device=device,
-        use_sdp_attention=use_sdp_attention,
-        model_info=BaseModelInfo(name=f"random-{size}-seed{seed}"),
+        **host_options,
     )

@@ -309,7 +309,7 @@ def _typed(name: str, value: str) -> Any:
 
 
 def _vae_decoder(host: StandaloneHost):
-    vae = host._vae  # the stand-alone host keeps its VAE private; only the demo sampler needs it
+    vae = host.vae()
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         return vae.decode(latents.to(next(vae.parameters()).dtype))

@@ -29,25 +29,31 @@ def make_images(count: int, size: int = 64, seed: int = 0) -> list[Image.Image]:
     return images
 
 
+# Settings that train the tiny model in seconds on a CPU (the engine's and the tab's tests start here).
+TINY_TRAINING = dict(
+    output_name="alice",
+    resolution=64,
+    min_bucket_reso=64,
+    network_dim=4,
+    network_alpha=2.0,
+    unet_lr=1e-3,
+    text_encoder_lr=5e-4,
+    lr_scheduler="constant",
+    epochs=2,
+    mixed_precision="no",
+    save_precision="fp32",
+    seed=7,
+)
+
+
 def tiny_config(tmp_path, **overrides) -> TrainingConfig:
     values = dict(
-        output_name="alice",
+        TINY_TRAINING,
         output_dir=str(tmp_path / "Lora"),
         train_data_dir="unused",
-        resolution=64,
-        min_bucket_reso=64,
-        network_dim=4,
-        network_alpha=2.0,
         conv_dim=2,
         conv_alpha=1.0,
-        unet_lr=1e-3,
-        text_encoder_lr=5e-4,
-        lr_scheduler="constant",
-        epochs=2,
         batch_size=2,
-        mixed_precision="no",
-        save_precision="fp32",
-        seed=7,
     )
     values.update(overrides)
     return TrainingConfig(**values)
@@ -73,7 +79,7 @@ def state_fingerprint(*modules: nn.Module) -> dict:
 
 
 def host_fingerprint(host: StandaloneHost) -> dict:
-    return state_fingerprint(host.unet(), host.text_encoder(), host._vae)
+    return state_fingerprint(host.unet(), host.text_encoder(), host.vae())
 
 
 def clone_modules(host: StandaloneHost) -> tuple[nn.Module, nn.Module]:

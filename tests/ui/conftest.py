@@ -11,30 +11,19 @@ from lib_lora_trainer.config import TrainingConfig
 from lib_lora_trainer.model.standalone import build_random_host
 from lib_lora_trainer.ui.jobs import TrainingJobs
 from lib_lora_trainer.ui.standalone import StandaloneServices
-from tests.engine.helpers import make_images
+from tests.engine.helpers import TINY_TRAINING, make_images
 
 # Settings that train the tiny model in seconds on a CPU (2 epochs x 4 steps by default).
 TINY = dict(
-    output_name="alice",
+    TINY_TRAINING,
     trigger_word="ohwx_alice",
-    resolution=64,
-    min_bucket_reso=64,
     max_bucket_reso=128,
     flat_repeats=2,
-    network_dim=4,
-    network_alpha=2.0,
-    unet_lr=1e-3,
-    text_encoder_lr=5e-4,
-    lr_scheduler="constant",
-    epochs=2,
     batch_size=1,
-    mixed_precision="no",
-    save_precision="fp32",
     sample_steps=2,
     sample_width=64,
     sample_height=64,
     sample_prompts=["ohwx_alice, portrait"],
-    seed=7,
 )
 
 

@@ -46,7 +46,7 @@ class FakeSdModel(nn.Module):
         self.model = nn.Module()
         self.model.diffusion_model = parts.unet()
         self.model.conditioning_key = "crossattn"
-        self.first_stage_model = parts._vae
+        self.first_stage_model = parts.vae()
         self.cond_stage_model = CondStage(parts.text_encoder(), shared)
         self.alphas_cumprod_original = sd_alphas_cumprod()
         self.register_buffer("alphas_cumprod", self.alphas_cumprod_original.half())

@@ -9,7 +9,7 @@ when a step would not fit otherwise:
    latent area (no attention matrix is kept), so the two points give a line, read at the largest batch:
    batch size x (resolution / 8)², the area every bucket stays within;
 2. need = those bytes x 1.45 (backward's own buffers) + the gradients and optimizer state of the
-   trainable parameters;
+   trainable parameters + 384 MiB (latents, conditioning, allocator slack);
 3. free = what the device has free plus what torch's allocator holds unused (CUDA), or the system's
    available memory (CPU);
 4. checkpointing goes on when need > 90 % of free.
@@ -30,9 +30,10 @@ from lib_lora_trainer.model.host import TrainingHost
 
 GIB = 1024**3
 PROBE_LATENT_SIDES = (8, 16)  # 64 and 128 px: cheap; on SD1.5 the same line as 128/256 px to the byte
-# Calibrated on the CPU benchmark (SD1.5, 512 px, batch 1, rank 32): the probe line gives 1.74 GiB kept
-# for backward, the measured peak over the loaded model was 2.80 GiB, 0.29 GiB of it parameter state.
-BACKWARD_HEADROOM = 1.45
+# Calibrated on the CPU benchmark (benchmarks/results/cpu-sd15-memory.md, SD1.5, rank 32): with these two
+# the estimate is at or above the measured extra memory of every scenario, 256 and 512 px, batch 1 and 2.
+BACKWARD_HEADROOM = 1.45  # backward's own buffers: gradients of the activations it is working through
+FIXED_HEADROOM_BYTES = 384 * 1024**2  # latents, conditioning, allocator slack
 USABLE_FRACTION = 0.9
 GRADIENT_BYTES = 4  # adapters train in fp32
 OPTIMIZER_STATE_BYTES = {"AdamW": 8, "AdamW8bit": 2, "Adafactor": 4, "Prodigy": 16}
@@ -100,7 +101,7 @@ def step_need_bytes(
 ) -> int:
     """What one training step needs beyond the loaded model and the adapters themselves."""
     activations = line.bytes_for(batch_size, latent_pixels) * BACKWARD_HEADROOM
-    return int(activations) + parameter_state_bytes(trainable_parameters, optimizer)
+    return int(activations) + parameter_state_bytes(trainable_parameters, optimizer) + FIXED_HEADROOM_BYTES
 
 
 def estimate_step_bytes(

@@ -104,10 +104,7 @@ def load_checkpoint_host(
         raise CheckpointError(f"unknown architecture size {size!r}; use one of {sorted(SIZES)}")
     state = load_file(str(path), device="cpu")
     parts = split_checkpoint(state)
-    unet_config, vae_config, text_shape = SIZES[size]
-    unet = ldm_parts.build_unet(unet_config)
-    vae = ldm_parts.build_vae(vae_config)
-    text_encoder = ldm_parts.build_text_encoder(text_shape)
+    unet, text_encoder, vae, text_shape = ldm_parts.build_model(size)
     _load_into(unet, parts["unet"], "UNet")
     _load_into(vae, parts["vae"], "VAE")
     _load_into(text_encoder, parts["text_encoder"], "text encoder")

@@ -81,6 +81,14 @@ MODEL_SIZES = {
 }
 
 
+def build_model(size: str) -> tuple[nn.Module, nn.Module, nn.Module, TextEncoderShape]:
+    """UNet, text encoder and VAE of one of :data:`MODEL_SIZES`, freshly initialised, with the text shape."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; use one of {sorted(MODEL_SIZES)}")
+    unet_config, vae_config, text_shape = MODEL_SIZES[size]
+    return build_unet(unet_config), build_text_encoder(text_shape), build_vae(vae_config), text_shape
+
+
 def build_unet(config: dict) -> nn.Module:
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 

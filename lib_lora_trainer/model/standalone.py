@@ -167,15 +167,10 @@ def build_random_host(
     """
     from lib_lora_trainer.model import ldm_parts
 
-    if size not in ldm_parts.MODEL_SIZES:
-        raise ValueError(f"unknown model size {size!r}; use one of {sorted(ldm_parts.MODEL_SIZES)}")
-    unet_config, vae_config, text_shape = ldm_parts.MODEL_SIZES[size]
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    unet = ldm_parts.build_unet(unet_config)
+    unet, text_encoder, vae, text_shape = ldm_parts.build_model(size)
     ldm_parts.reinitialise_zero_layers(unet, generator)
-    text_encoder = ldm_parts.build_text_encoder(text_shape)
-    vae = ldm_parts.build_vae(vae_config)
     return host_over(
         unet,
         text_encoder,

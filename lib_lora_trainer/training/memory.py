@@ -8,8 +8,9 @@ when a step would not fit otherwise:
    bytes autograd keeps for backward. With scaled-dot-product attention they grow linearly with the
    latent area (no attention matrix is kept), so the two points give a line, read at the largest batch:
    batch size x (resolution / 8)², the area every bucket stays within;
-2. need = those bytes x 1.45 (backward's own buffers) + the gradients and optimizer state of the
-   trainable parameters + 384 MiB (latents, conditioning, allocator slack);
+2. need = the part that grows with the image x 1.45 (backward's own buffers) + the part that does not
+   (autocast's copies of the weights, the text encoder's activations) + the gradients and optimizer state
+   of the trainable parameters + 448 MiB (latents, conditioning, allocator slack);
 3. free = what the device has free plus what torch's allocator holds unused (CUDA), or the system's
    available memory (CPU);
 4. checkpointing goes on when need > 90 % of free.
@@ -33,7 +34,7 @@ PROBE_LATENT_SIDES = (8, 16)  # 64 and 128 px: cheap; on SD1.5 the same line as 
 # Calibrated on the CPU benchmark (benchmarks/results/cpu-sd15-memory.md, SD1.5, rank 32): with these two
 # the estimate is at or above the measured extra memory of every scenario, 256 and 512 px, batch 1 and 2.
 BACKWARD_HEADROOM = 1.45  # backward's own buffers: gradients of the activations it is working through
-FIXED_HEADROOM_BYTES = 384 * 1024**2  # latents, conditioning, allocator slack
+FIXED_HEADROOM_BYTES = 448 * 1024**2  # latents, conditioning, allocator slack
 USABLE_FRACTION = 0.9
 GRADIENT_BYTES = 4  # adapters train in fp32
 OPTIMIZER_STATE_BYTES = {"AdamW": 8, "AdamW8bit": 2, "Adafactor": 4, "Prodigy": 16}
@@ -100,8 +101,13 @@ def step_need_bytes(
     line: ActivationLine, batch_size: int, latent_pixels: int, trainable_parameters: int, optimizer: str
 ) -> int:
     """What one training step needs beyond the loaded model and the adapters themselves."""
-    activations = line.bytes_for(batch_size, latent_pixels) * BACKWARD_HEADROOM
-    return int(activations) + parameter_state_bytes(trainable_parameters, optimizer) + FIXED_HEADROOM_BYTES
+    # Backward's buffers follow the activations it works through; what does not grow with the image (e.g.
+    # autocast's low-precision copies of fp32 weights, 1.6 GiB for SD1.5's UNet) is kept, not doubled.
+    growing = batch_size * line.bytes_per_latent_pixel * latent_pixels * BACKWARD_HEADROOM
+    fixed = max(0.0, line.fixed_bytes)
+    return (
+        int(fixed + growing) + parameter_state_bytes(trainable_parameters, optimizer) + FIXED_HEADROOM_BYTES
+    )
 
 
 def estimate_step_bytes(

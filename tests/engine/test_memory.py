@@ -14,11 +14,15 @@ from lib_lora_trainer.network.adapters import AdapterSpec, attached_adapters, pl
 from lib_lora_trainer.training import loop as loop_module
 from lib_lora_trainer.training.loop import TrainingCallbacks, TrainingOutOfMemory, train
 from lib_lora_trainer.training.memory import (
+    BACKWARD_HEADROOM,
+    FIXED_HEADROOM_BYTES,
     GIB,
+    ActivationLine,
     _linux_available_memory,
     choose_checkpointing,
     probe_activation_line,
     saved_tensor_bytes,
+    step_need_bytes,
 )
 from tests.engine.helpers import host_fingerprint, tiny_config, tiny_host
 from tests.engine.test_training import small_source
@@ -56,6 +60,15 @@ def test_the_probe_line_predicts_a_larger_step_exactly():
             measured = saved_tensor_bytes(lambda: forward_at(32, 2), weights)
     assert line.bytes_per_latent_pixel > 0
     assert line.bytes_for(2, 32 * 32) == pytest.approx(measured, rel=0.02)
+
+
+def test_the_backward_margin_applies_to_what_grows_with_the_image_only():
+    weights_copy = ActivationLine(fixed_bytes=GIB, bytes_per_latent_pixel=0.0)  # autocast's weight copies
+    per_image = ActivationLine(fixed_bytes=0.0, bytes_per_latent_pixel=GIB / 4096)
+    base = step_need_bytes(ActivationLine(0.0, 0.0), 1, 4096, 1000, "AdamW")
+    assert base == 1000 * 12 + FIXED_HEADROOM_BYTES  # fp32 gradients and AdamW's two moments
+    assert step_need_bytes(weights_copy, 2, 4096, 1000, "AdamW") - base == GIB
+    assert step_need_bytes(per_image, 2, 4096, 1000, "AdamW") - base == int(2 * GIB * BACKWARD_HEADROOM)
 
 
 @pytest.mark.parametrize(

@@ -47,8 +47,10 @@ class ActivationLine:
     fixed_bytes: float
     bytes_per_latent_pixel: float
 
-    def bytes_for(self, batch_size: int, latent_pixels: int) -> int:
-        return int(max(0.0, self.fixed_bytes) + batch_size * self.bytes_per_latent_pixel * latent_pixels)
+    def bytes_for(self, batch_size: int, latent_pixels: int, growth_factor: float = 1.0) -> int:
+        """The line at ``batch_size`` x ``latent_pixels``; ``growth_factor`` scales only the growing part."""
+        growing = batch_size * self.bytes_per_latent_pixel * latent_pixels * growth_factor
+        return int(max(0.0, self.fixed_bytes) + growing)
 
 
 @dataclass(frozen=True)
@@ -103,11 +105,8 @@ def step_need_bytes(
     """What one training step needs beyond the loaded model and the adapters themselves."""
     # Backward's buffers follow the activations it works through; what does not grow with the image (e.g.
     # autocast's low-precision copies of fp32 weights, 1.6 GiB for SD1.5's UNet) is kept, not doubled.
-    growing = batch_size * line.bytes_per_latent_pixel * latent_pixels * BACKWARD_HEADROOM
-    fixed = max(0.0, line.fixed_bytes)
-    return (
-        int(fixed + growing) + parameter_state_bytes(trainable_parameters, optimizer) + FIXED_HEADROOM_BYTES
-    )
+    activations = line.bytes_for(batch_size, latent_pixels, growth_factor=BACKWARD_HEADROOM)
+    return activations + parameter_state_bytes(trainable_parameters, optimizer) + FIXED_HEADROOM_BYTES
 
 
 def estimate_step_bytes(

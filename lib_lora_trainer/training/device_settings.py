@@ -49,7 +49,7 @@ def to_device_async(tensor: torch.Tensor, device: torch.device, dtype: torch.dty
     return tensor.to(device, dtype)
 
 
-def fp16_grad_scaler(device: torch.device, mixed_precision: str):
+def fp16_grad_scaler(device: torch.device, mixed_precision: str) -> torch.amp.GradScaler | None:
     """The loss scaler fp16 training needs on CUDA, or None (bf16, fp32 and the CPU need none)."""
     if mixed_precision != "fp16" or device.type != "cuda":
         return None

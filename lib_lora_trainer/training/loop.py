@@ -254,6 +254,7 @@ class _Run:
         self.unet_params = adapters.parameters("unet")
         self.text_params = adapters.parameters("text_encoder") if self.train_text_encoder else []
         self.trainable = self.unet_params + self.text_params
+        self.trainable_parameters = sum(p.numel() for p in self.trainable)
         groups = [ParamGroup("unet", self.unet_params, config.unet_lr)]
         if self.text_params:
             groups.append(ParamGroup("text_encoder", self.text_params, config.text_encoder_lr))
@@ -272,7 +273,7 @@ class _Run:
             total_steps=steps_per_epoch * config.epochs,
             epochs=config.epochs,
             adapted_modules=len(adapters.targets),
-            trainable_parameters=sum(p.numel() for p in self.trainable),
+            trainable_parameters=self.trainable_parameters,
             gradient_checkpointing=checkpointing,
         )
         self.scheduler = build_scheduler(config, self.optimizer, self.plan.total_steps)
@@ -388,7 +389,7 @@ class _Run:
                 mixed_precision=self.config.mixed_precision,
                 batch_size=self.config.batch_size,
                 resolution=self.config.resolution,
-                trainable_parameters=sum(p.numel() for p in self.trainable),
+                trainable_parameters=self.trainable_parameters,
                 optimizer=self.config.optimizer,
             )
         except torch.cuda.OutOfMemoryError:

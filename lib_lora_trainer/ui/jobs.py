@@ -275,6 +275,9 @@ class TrainingJob:
             self._state.version += 1
         self._report_progress()
 
+    def on_notice(self, message: str) -> None:
+        self._log(message)
+
     def _render_samples(self, epoch: int, stem: str) -> list:
         if not sample_due(self.config, epoch) or self.should_stop():
             return []
@@ -323,7 +326,7 @@ class _Callbacks(TrainingCallbacks):
         self.job.on_epoch_saved(saved)
 
     def on_notice(self, message: str) -> None:
-        self.job._log(message)
+        self.job.on_notice(message)
 
     def should_stop(self) -> bool:
         return self.job.should_stop()

@@ -23,11 +23,17 @@ from lib_lora_trainer.captioning.tag_text import (
 )
 from lib_lora_trainer.captioning.wd14_preprocess import ImageReadError, prepare_image, read_image
 from lib_lora_trainer.captioning.wd14_tagger import WD14Tagger
-from lib_lora_trainer.dataset.caption_files import read_caption_file, write_caption_file
+from lib_lora_trainer.dataset.caption_files import (
+    CaptionFileError,
+    caption_unchanged,
+    read_caption_file,
+    write_caption_file,
+)
+from lib_lora_trainer.dataset.caption_files import caption_path_for as _caption_path_for
+from lib_lora_trainer.file_types import IMAGE_EXTENSIONS, caption_extension_problem
+from lib_lora_trainer.files import remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 ProgressCallback = Callable[[int, int, str], None]  # (images done, images in total, current image)
 
@@ -49,11 +55,9 @@ class TaggingOptions:
         for label, value in (("general", self.general_threshold), ("character", self.character_threshold)):
             if value is not None and not 0.0 <= value <= 1.0:
                 found.append(f"The {label} threshold must be between 0 and 1, not {value}")
-        extension = self.caption_extension
-        if not extension.startswith(".") or len(extension) < 2 or any(c in extension for c in "/\\ "):
-            found.append(f"The caption extension must look like '.txt', not '{extension}'")
-        elif extension.lower() in IMAGE_EXTENSIONS:
-            found.append(f"The caption extension cannot be an image extension ('{extension}')")
+        extension_problem = caption_extension_problem(self.caption_extension)
+        if extension_problem:
+            found.append(extension_problem[0].upper() + extension_problem[1:])
         if self.batch_size < 1:
             found.append(f"The batch size must be 1 or more, not {self.batch_size}")
         try:
@@ -110,7 +114,7 @@ class _Job:
 
 
 def caption_path_for(image: str | Path, caption_extension: str = ".txt") -> Path:
-    return Path(image).with_suffix(caption_extension)
+    return _caption_path_for(image, caption_extension)
 
 
 def list_images(folder: str | Path, *, recursive: bool = False) -> list[Path]:
@@ -143,6 +147,8 @@ def tag_folder(
 ) -> TaggingSummary:
     """Tag every image in ``folder`` (see :func:`tag_images`)."""
     images = list_images(folder, recursive=recursive)
+    for image_folder in sorted({image.parent for image in images}):
+        remove_stale_temporaries(image_folder)
     summary = tag_images(tagger, images, options, root=folder, progress=progress, should_cancel=should_cancel)
     if not images:
         summary.warnings.append(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}")
@@ -227,7 +233,11 @@ def _plan(
         try:
             existing = _existing_tags(caption, summary)
         except OSError as error:
-            summary.failed.append((label, f"its caption {caption.name} could not be read ({error})"))
+            reason = error.strerror or error
+            summary.failed.append((label, f"its caption {caption.name} could not be read ({reason})"))
+            continue
+        except CaptionFileError as error:
+            summary.failed.append((label, str(error)))
             continue
         if existing and options.existing_captions is ExistingCaptionMode.SKIP:
             summary.skipped.append((label, f"it already has a caption ({caption.name})"))
@@ -240,6 +250,8 @@ def _existing_tags(caption: Path, summary: TaggingSummary) -> list[str]:
     if not caption.is_file():
         return []
     read = read_caption_file(caption)
+    if not read.writable:
+        raise CaptionFileError(f"{read.problem}; it is left as it is, so check it, then delete or replace it")
     if read.problem:
         summary.warnings.append(read.problem)
     return parse_tag_list(read.text)
@@ -276,13 +288,17 @@ def _fail(summary: TaggingSummary, job: _Job, why: str) -> None:
 
 
 def _write(job: _Job, text: str, summary: TaggingSummary) -> None:
-    if job.caption.is_file() and job.caption.read_bytes() == (text.strip() + "\n").encode("utf-8"):
+    if caption_unchanged(job.caption, text):
         summary.unchanged.append(job.caption_label)
         return
     try:
         backup = write_caption_file(job.caption, text)
     except OSError as error:
-        _fail(summary, job, f"its caption {job.caption.name} could not be written ({error})")
+        reason = error.strerror or error
+        _fail(summary, job, f"its caption {job.caption.name} could not be written ({reason})")
+        return
+    except CaptionFileError as error:
+        _fail(summary, job, str(error))
         return
     summary.written.append(job.caption_label)
     if backup is not None:

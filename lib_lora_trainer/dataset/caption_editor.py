@@ -1,8 +1,11 @@
 """Caption editing for the tab: list, edit one, add/remove/replace a tag everywhere, undo a bulk edit.
 
-Every write is atomic and backs up the previous caption (``.lora_trainer_backup/`` beside it). The last
-bulk edit is journalled in ``<dataset folder>/.lora_trainer_backup/last_bulk_edit.json`` with the exact
-bytes each file had before, so it can be undone even after the page (or the WebUI) was reloaded. Undo
+Every write is atomic, keeps the caption's encoding, and backs up the previous caption
+(``.lora_trainer_backup/`` beside it). A bulk edit is journalled in
+``<dataset folder>/.lora_trainer_backup/last_bulk_edit.json`` *before* any caption is written, with the
+exact bytes each file had before, so it can be undone even after the page (or the WebUI) was reloaded.
+A bulk edit that fails part-way (a read-only file, a full disk) puts back what it had written and
+leaves the previous journal in place, so Undo still undoes exactly the last edit that happened. Undo
 leaves alone any caption edited again since the bulk edit, and says so.
 """
 
@@ -17,15 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lib_lora_trainer.config import TrainingConfig
-from lib_lora_trainer.dataset.caption_files import read_caption_file, write_caption_file
+from lib_lora_trainer.dataset.caption_files import (
+    CaptionFileError,
+    caption_bytes,
+    read_caption_file,
+    write_caption_file,
+)
 from lib_lora_trainer.dataset.caption_processing import count_tags, join_tags, split_tags, tag_key
 from lib_lora_trainer.dataset.images import is_image_file
 from lib_lora_trainer.dataset.scan import KOHYA_FOLDER_PATTERN
+from lib_lora_trainer.file_types import caption_extension_problem
 from lib_lora_trainer.files import (
     BACKUP_FOLDER_NAME,
     atomic_write_bytes,
     atomic_write_text,
     backup_before_overwrite,
+    remove_stale_temporaries,
+    write_bytes_with_backup,
 )
 
 logger = logging.getLogger(__name__)
@@ -43,7 +54,15 @@ class CaptionedImage:
     caption_path: Path
     caption: str  # "" when there is no caption file
     has_caption_file: bool
-    problem: str | None = None  # e.g. the caption file is not UTF-8
+    problem: str | None = None  # e.g. the caption file is not UTF-8, or cannot be read
+    writable: bool = True  # False: unreadable or not text; edits leave it alone
+
+
+@dataclass(frozen=True)
+class _PlannedWrite:
+    path: Path
+    before: bytes
+    after: bytes
 
 
 @dataclass(frozen=True)
@@ -60,10 +79,14 @@ class CaptionEditor:
         self.root = Path(root)
         if not self.root.is_dir():
             raise CaptionEditError(f"the folder {self.root} does not exist")
-        if not caption_extension.startswith(".") or len(caption_extension) < 2:
-            raise CaptionEditError("caption extension must start with '.', like .txt")
+        extension_problem = caption_extension_problem(caption_extension)
+        if extension_problem:
+            raise CaptionEditError(extension_problem)
         self.caption_extension = caption_extension
         self.layout = layout
+        self.listing_problems: list[str] = []  # subfolders that could not be listed
+        for folder in self._folders():
+            remove_stale_temporaries(folder)
 
     @classmethod
     def from_config(cls, config: TrainingConfig) -> CaptionEditor:
@@ -73,17 +96,35 @@ class CaptionEditor:
 
     # --- reading -----------------------------------------------------------------------------------
     def image_paths(self) -> list[Path]:
-        folders = [self.root]
-        if self.layout == "kohya":
-            folders = sorted(
-                p for p in self.root.iterdir() if p.is_dir() and KOHYA_FOLDER_PATTERN.match(p.name)
-            )
-        return [path for folder in folders for path in sorted(folder.iterdir()) if is_image_file(path)]
+        """The dataset's images; a subfolder that cannot be listed is skipped (``listing_problems``)."""
+        self.listing_problems = []
+        paths = []
+        for folder in self._folders():
+            try:
+                entries = sorted(folder.iterdir())
+            except OSError as error:
+                problem = f"cannot list {folder.name} ({error.strerror or error}); its images are not shown"
+                logger.warning("Captions: %s", problem)
+                self.listing_problems.append(problem)
+                continue
+            paths += [path for path in entries if _is_image(path)]
+        return paths
+
+    def _folders(self) -> list[Path]:
+        if self.layout != "kohya":
+            return [self.root]
+        try:
+            entries = sorted(self.root.iterdir())
+        except OSError as error:
+            raise CaptionEditError(
+                f"cannot list the folder {self.root} ({error.strerror or error}); check its permissions"
+            ) from error
+        return [p for p in entries if KOHYA_FOLDER_PATTERN.match(p.name) and _is_dir(p)]
 
     def images(self) -> list[CaptionedImage]:
         return [self._captioned(path) for path in self.image_paths()]
 
-    def caption_path(self, image: str | Path) -> Path:
+    def caption_path(self, image: str | Path) -> Path:  # the extension was checked in __init__
         return Path(image).with_suffix(self.caption_extension)
 
     def tag_frequency(self) -> dict[str, int]:
@@ -94,7 +135,15 @@ class CaptionEditor:
         """Replace one image's caption (created if missing); the old one is backed up first."""
         path = self._own_image(image)
         target = self.caption_path(path)
-        backup = write_caption_file(target, _clean(caption))
+        try:
+            backup = write_caption_file(target, _clean(caption))
+        except CaptionFileError as error:
+            raise CaptionEditError(str(error)) from error
+        except OSError as error:
+            raise CaptionEditError(
+                f"{target.name} could not be saved ({error.strerror or error}); check that the file is "
+                "not read-only or open elsewhere and that the disk has space, then save again"
+            ) from error
         logger.info("Caption %s written%s", target, f" (backup {backup})" if backup else "")
         return EditResult((target,), f"saved {target.name}")
 
@@ -139,16 +188,32 @@ class CaptionEditor:
         journal = self._read_journal()
         if journal is None:
             raise CaptionEditError("there is no bulk edit to undo")
-        restored, skipped = [], []
+        restored, skipped, left = [], [], []
+        failure: tuple[Path, OSError] | None = None
         for entry in journal["files"]:
             path = self.root / entry["path"]
-            current = path.read_bytes() if path.is_file() else None
-            if current is None or _digest(current) != entry["after_sha256"]:
-                skipped.append(path)
-                continue
-            backup_before_overwrite(path)
-            atomic_write_bytes(path, base64.b64decode(entry["before"]))
-            restored.append(path)
+            before = base64.b64decode(entry["before"])
+            try:
+                current = path.read_bytes() if path.is_file() else None
+                if current == before:
+                    continue  # already as before (a bulk edit stopped before reaching it)
+                if current is None or _digest(current) != entry["after_sha256"]:
+                    skipped.append(path)
+                    continue
+                backup_before_overwrite(path)
+                atomic_write_bytes(path, before)
+                restored.append(path)
+            except OSError as error:
+                failure = failure or (path, error)
+                left.append(entry)
+        if failure is not None:
+            self._write_journal({"operation": journal["operation"], "files": left})
+            path, error = failure
+            raise CaptionEditError(
+                f"undo of {journal['operation']} stopped: {path.name} could not be restored "
+                f"({error.strerror or error}); {len(restored)} caption(s) were restored. Make the file "
+                f"writable (or free disk space) and press Undo again for the other {len(left)}"
+            )
         self._journal_path().unlink()
         message = f"undid {journal['operation']}: {len(restored)} caption(s) restored"
         if skipped:
@@ -159,10 +224,14 @@ class CaptionEditor:
     # --- internals ----------------------------------------------------------------------------------
     def _captioned(self, image: Path) -> CaptionedImage:
         caption_path = self.caption_path(image)
-        if not caption_path.is_file():
-            return CaptionedImage(image, caption_path, "", False)
-        text = read_caption_file(caption_path)
-        return CaptionedImage(image, caption_path, text.text, True, text.problem)
+        try:
+            if not caption_path.is_file():
+                return CaptionedImage(image, caption_path, "", False)
+            text = read_caption_file(caption_path)
+        except OSError as error:
+            problem = f"{caption_path.name} cannot be read ({error.strerror or error})"
+            return CaptionedImage(image, caption_path, "", True, problem, writable=False)
+        return CaptionedImage(image, caption_path, text.text, True, text.problem, text.writable)
 
     def _own_image(self, image: str | Path, known: set[Path] | None = None) -> Path:
         path = Path(image)
@@ -189,33 +258,105 @@ class CaptionEditor:
         else:
             known = self._known_images()
             targets = [self._captioned(self._own_image(image, known)) for image in images]
-        entries, changed = [], []
+        plan: list[_PlannedWrite] = []
         uncaptioned = 0
+        left_alone: list[str] = []  # captions that cannot be rewritten safely, with the reason
         for item in targets:
             if not item.has_caption_file:
                 uncaptioned += 1
                 continue
+            if not item.writable:
+                left_alone.append(item.problem or item.caption_path.name)
+                continue
             new_caption = join_tags(edit(split_tags(item.caption)))
             if new_caption == join_tags(split_tags(item.caption)):
                 continue
-            before = item.caption_path.read_bytes()
-            write_caption_file(item.caption_path, new_caption)
-            after = item.caption_path.read_bytes()
-            entries.append(
-                {
-                    "path": item.caption_path.relative_to(self.root).as_posix(),
-                    "before": base64.b64encode(before).decode("ascii"),
-                    "after_sha256": _digest(after),
-                }
-            )
-            changed.append(item.caption_path)
-        if entries:
-            self._write_journal({"operation": operation, "files": entries})
-        message = f"{operation}: {len(changed)} caption(s) changed"
+            try:
+                before = item.caption_path.read_bytes()
+                after = caption_bytes(item.caption_path, new_caption)
+                plan.append(_PlannedWrite(item.caption_path, before, after))
+            except CaptionFileError as error:
+                left_alone.append(str(error))
+            except OSError as error:
+                left_alone.append(f"{item.caption_path.name} cannot be read ({error.strerror or error})")
+        if plan:
+            self._apply(operation, plan)
+        message = f"{operation}: {len(plan)} caption(s) changed"
         if uncaptioned:
             message += f"; {uncaptioned} image(s) without a caption file were not touched"
+        if left_alone:
+            message += f"; {len(left_alone)} left as they are: " + "; ".join(left_alone)
         logger.info("%s", message)
-        return EditResult(tuple(changed), message)
+        return EditResult(tuple(step.path for step in plan), message)
+
+    def _apply(self, operation: str, plan: list[_PlannedWrite]) -> None:
+        """Journal ``plan``, then write it; on a failure put back what was written (see the module)."""
+        previous = self._journal_bytes()
+        try:
+            self._write_journal({"operation": operation, "files": [self._entry(step) for step in plan]})
+        except OSError as error:
+            raise CaptionEditError(
+                f"{operation} was not done: the undo journal could not be written "
+                f"({error.strerror or error}); nothing was changed. Free disk space or make the dataset "
+                "folder writable, then try again"
+            ) from error
+        written: list[_PlannedWrite] = []
+        for step in plan:
+            try:
+                write_bytes_with_backup(step.path, step.after)
+            except OSError as error:
+                self._roll_back(operation, written, previous, step.path, error)
+            written.append(step)
+
+    def _roll_back(
+        self,
+        operation: str,
+        written: list[_PlannedWrite],
+        previous: bytes | None,
+        failed: Path,
+        error: OSError,
+    ) -> None:
+        not_restored = []
+        for step in reversed(written):
+            try:
+                atomic_write_bytes(step.path, step.before)
+            except OSError:
+                not_restored.append(step)
+        reason = f"{failed.name} could not be written ({error.strerror or error})"
+        advice = "check that it is not read-only or open in another program and that the disk has space"
+        if not not_restored:
+            self._restore_journal(previous)
+            raise CaptionEditError(
+                f"{operation} stopped: {reason}; the {len(written)} caption(s) already changed were put "
+                f"back, so nothing changed. {advice[0].upper()}{advice[1:]}, then try again"
+            ) from error
+        self._write_journal({"operation": operation, "files": [self._entry(step) for step in not_restored]})
+        raise CaptionEditError(
+            f"{operation} stopped: {reason}, and {len(not_restored)} caption(s) already changed could not be "
+            f"put back; {advice}, then press Undo last bulk edit to take them back"
+        ) from error
+
+    def _entry(self, step: _PlannedWrite) -> dict:
+        return {
+            "path": step.path.relative_to(self.root).as_posix(),
+            "before": base64.b64encode(step.before).decode("ascii"),
+            "after_sha256": _digest(step.after),
+        }
+
+    def _journal_bytes(self) -> bytes | None:
+        try:
+            return self._journal_path().read_bytes()
+        except OSError:
+            return None
+
+    def _restore_journal(self, previous: bytes | None) -> None:
+        try:
+            if previous is None:
+                self._journal_path().unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(self._journal_path(), previous)
+        except OSError as error:
+            logger.warning("The undo journal could not be put back (%s)", error)
 
     def _journal_path(self) -> Path:
         return self.root / BACKUP_FOLDER_NAME / JOURNAL_NAME
@@ -235,6 +376,20 @@ class CaptionEditor:
         except (ValueError, OSError) as error:
             logger.warning("The undo journal %s is unreadable (%s); nothing to undo", path, error)
             return None
+
+
+def _is_image(path: Path) -> bool:
+    try:
+        return is_image_file(path)
+    except OSError:
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def _one_tag(tag: str) -> str:

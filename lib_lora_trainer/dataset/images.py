@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from lib_lora_trainer.file_types import IMAGE_EXTENSIONS
+
 # PIL's own hard limit (2 x MAX_IMAGE_PIXELS), checked by us because A1111 may switch PIL's check off.
 MAX_IMAGE_PIXELS = 2 * 89_478_485
 # Smaller than this (short side) is too small to train on at all; below LOW_RESOLUTION it is only flagged.

@@ -3,8 +3,10 @@
 Two layouts: "flat" (images in one folder, repeats chosen by the user) and kohya's "N_name" folders
 (``10_alice/``: 10 repeats, class token "alice", used as the caption of an image that has none). An
 optional regularisation folder may use either layout (detected). The scan only reads: nothing in the
-user's folders is created, changed or deleted. Every file that cannot be used is reported by name with
-the reason and left out; the scan itself never raises for bad input.
+user's folders is created or changed (it only deletes the temporaries a killed save of ours left). Every
+file that cannot be used, images in formats that are not trained on included, is reported by name with
+the reason and left out; so is a folder that cannot be listed, and N_name folders nested where the
+scan does not look are named. The scan itself never raises for bad input.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from lib_lora_trainer.dataset.images import (
     is_image_file,
     probe_image,
 )
+from lib_lora_trainer.file_types import caption_extension_problem, skipped_image_reason
+from lib_lora_trainer.files import remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +92,16 @@ def scan_dataset(
 ) -> ScannedDataset:
     """Scan the training folder (and the regularisation folder, if set) described by ``config``."""
     result = ScannedDataset()
+    extension_problem = caption_extension_problem(config.caption_extension)
+    if extension_problem:
+        result.errors.append(extension_problem)
+        return result
     folders = _plan_folders(config, result)
     total = sum(len(images) for _, images in folders)
     done = 0
     for spec, images in folders:
+        remove_stale_temporaries(spec.folder)
+        _note_skipped_images(spec.folder, result)
         records = []
         for image_path in images:
             record = _scan_image(image_path, spec, config.caption_extension, background, result)
@@ -153,26 +163,71 @@ def _existing_folder(text: str, role: str, result: ScannedDataset) -> Path | Non
     return folder
 
 
-def _list_images(folder: Path, result: ScannedDataset) -> list[Path]:
+def _entries(folder: Path, result: ScannedDataset | None = None) -> list[Path]:
+    """The folder's entries, sorted; a folder that cannot be listed is reported (once) and is empty."""
     try:
-        entries = sorted(folder.iterdir())
+        return sorted(folder.iterdir())
     except OSError as error:
-        result.errors.append(f"cannot list the folder {folder} ({error.strerror or error})")
+        message = (
+            f"cannot list the folder {folder} ({error.strerror or error}); check that it exists and "
+            "that the WebUI may read it"
+        )
+        if result is not None and message not in result.errors:
+            result.errors.append(message)
         return []
-    return [path for path in entries if is_image_file(path)]
 
 
-def _kohya_subfolders(root: Path) -> list[tuple[Path, int, str]]:
-    found = []
+def _is_dir(path: Path) -> bool:
     try:
-        entries = sorted(root.iterdir())
+        return path.is_dir()
+    except OSError:  # a folder we may not look into (permission denied) counts as none
+        return False
+
+
+def _list_images(folder: Path, result: ScannedDataset) -> list[Path]:
+    return [path for path in _entries(folder, result) if _is_image(path)]
+
+
+def _is_image(path: Path) -> bool:
+    try:
+        return is_image_file(path)
     except OSError:
-        return []
-    for path in entries:
+        return False
+
+
+def _note_skipped_images(folder: Path, result: ScannedDataset) -> None:
+    """Report the images in ``folder`` whose format is not trained on (GIF, AVIF, HEIC ...)."""
+    for path in _entries(folder):
+        reason = skipped_image_reason(path.suffix)
+        if reason and not path.name.startswith(".") and not _is_dir(path):
+            result.problems.append(FileProblem(path, f"{path.name}: {reason}"))
+
+
+def _kohya_subfolders(root: Path, result: ScannedDataset | None = None) -> list[tuple[Path, int, str]]:
+    found = []
+    for path in _entries(root, result):
         match = KOHYA_FOLDER_PATTERN.match(path.name)
-        if path.is_dir() and match:
+        if match and _is_dir(path):
             found.append((path, int(match.group(1)), match.group(2).strip()))
     return found
+
+
+def _nested_kohya_parents(root: Path, depth: int = 2) -> list[Path]:
+    """Folders below ``root`` (at most ``depth`` levels down) that hold N_name subfolders."""
+    found: list[Path] = []
+    level = [root]
+    for _ in range(depth):
+        level = [p for folder in level for p in _entries(folder) if _is_dir(p) and not p.name.startswith(".")]
+        found += [folder for folder in level if _kohya_subfolders(folder)]
+    return found
+
+
+def _nested_kohya_hint(root: Path) -> str:
+    parents = _nested_kohya_parents(root)
+    if not parents:
+        return ""
+    names = ", ".join(str(parent) for parent in parents[:3])
+    return f"; N_name subfolders were found deeper, in {names}: choose that folder (kohya layout)"
 
 
 def _flat_folder(
@@ -184,6 +239,8 @@ def _flat_folder(
         hint = ""
         if not is_reg and _kohya_subfolders(root):
             hint = "; it has N_name subfolders (like 10_alice), so choose the kohya folder layout"
+        elif not is_reg:
+            hint = _nested_kohya_hint(root)
         result.errors.append(f"the {role} folder {root} has no images ({SUPPORTED_TYPES}){hint}")
         return []
     spec = _FolderSpec(root.name, root, repeats, config.class_token.strip(), is_reg)
@@ -194,11 +251,16 @@ def _kohya_folders(
     root: Path, config: TrainingConfig, *, is_reg: bool, result: ScannedDataset
 ) -> list[tuple[_FolderSpec, list[Path]]]:
     role = "regularisation" if is_reg else "training"
-    subfolders = _kohya_subfolders(root)
+    errors_before = len(result.errors)
+    subfolders = _kohya_subfolders(root, result)
+    if len(result.errors) > errors_before:  # the folder cannot be listed
+        return []
     _note_ignored_entries(root, result)
     if not subfolders:
         hint = (
-            "; it has images directly inside, so choose the flat layout" if _list_images(root, result) else ""
+            "; it has images directly inside, so choose the flat layout"
+            if _list_images(root, result)
+            else _nested_kohya_hint(root)
         )
         result.errors.append(
             f"the {role} folder {root} has no N_name subfolders (like 10_alice: 10 repeats, "
@@ -210,6 +272,11 @@ def _kohya_folders(
         if repeats < 1:
             result.notes.append(f"{folder.name}: 0 repeats, so this folder is not used (as in kohya)")
             continue
+        for nested, _, _ in _kohya_subfolders(folder):
+            result.notes.append(
+                f"{folder.name}/{nested.name} is not used: N_name folders are read only directly inside "
+                f"{root}; move it there to train on it"
+            )
         images = _list_images(folder, result)
         if not images:
             result.notes.append(f"{folder.name}: no images ({SUPPORTED_TYPES}), so it is skipped")
@@ -228,11 +295,12 @@ def _note_ignored_entries(root: Path, result: ScannedDataset) -> None:
             f"{len(loose_images)} image(s) directly in {root.name} are not used in the kohya layout; "
             "move them into an N_name subfolder to train on them"
         )
-    for path in sorted(root.iterdir()):
-        if path.is_dir() and not path.name.startswith(".") and not KOHYA_FOLDER_PATTERN.match(path.name):
+    for path in _entries(root):
+        if _is_dir(path) and not path.name.startswith(".") and not KOHYA_FOLDER_PATTERN.match(path.name):
+            nested = " (it holds N_name folders itself; choose it as the training folder?)"
             result.notes.append(
                 f"folder {path.name} is ignored: its name does not start with a repeat count and '_' "
-                "(like 10_alice)"
+                f"(like 10_alice){nested if _kohya_subfolders(path) else ''}"
             )
 
 
@@ -268,10 +336,18 @@ def _read_caption(
     except OSError as error:
         notes.append(f"{caption_path.name}: cannot be read ({error.strerror or error}); class token used")
         return spec.class_tokens, None
+    if not caption.writable:
+        notes.append(f"{caption.problem}; the class token is used instead")
+        return spec.class_tokens, None
     if caption.problem:
         notes.append(f"{caption.problem}; check the accents and symbols in it")
-    if caption.has_bom:
-        notes.append(f"{caption_path.name}: starts with a UTF-8 byte-order mark; read without it")
+    elif caption.has_bom:
+        notes.append(
+            f"{caption_path.name}: starts with a {caption.encoding} byte-order mark; read as "
+            f"{caption.encoding} (kept so when it is rewritten)"
+        )
+    elif caption.encoding != "UTF-8":
+        notes.append(f"{caption_path.name}: read as {caption.encoding} (kept so when it is rewritten)")
     if not caption.text:
         notes.append(f"{caption_path.name}: is empty; the class token is used instead")
         return spec.class_tokens, None

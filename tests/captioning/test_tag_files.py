@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import io
 
 import numpy as np
@@ -247,3 +248,32 @@ def test_explicit_image_list_works_with_one_big_batch(tagger, dataset):
     summary = tag_images(tagger, images, TaggingOptions(batch_size=16))
     assert summary.written == ["0.txt", "1.txt", "2.txt"]
     assert {caption_of(dataset, str(index)) for index in range(3)} == {DEFAULT_TAGS + "\n"}
+
+
+def test_a_utf16_caption_is_appended_to_in_utf16_not_rewritten_as_garbage(tagger, dataset):
+    save_image(dataset / "a.png")
+    original = codecs.BOM_UTF16_LE + "café, 1girl\r\n".encode("utf-16-le")  # PowerShell 5's '>'
+    (dataset / "a.txt").write_bytes(original)
+    summary = tag_folder(tagger, dataset, TaggingOptions(existing_captions="append"))
+    assert not summary.warnings and summary.written == ["a.txt"]
+    raw = (dataset / "a.txt").read_bytes()
+    assert raw.startswith(codecs.BOM_UTF16_LE)
+    assert raw[2:].decode("utf-16-le") == "café, 1girl, hatsune miku, long hair, ^_^, smile, blue eyes\r\n"
+    [backup] = backups_of(dataset)
+    assert backup.read_bytes() == original
+
+
+def test_a_caption_that_is_not_text_is_never_overwritten_by_the_tagger(tagger, dataset):
+    save_image(dataset / "a.png")
+    garbage = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+    (dataset / "a.txt").write_bytes(garbage)
+    summary = tag_folder(tagger, dataset, TaggingOptions(existing_captions="overwrite"))
+    [(name, why)] = summary.failed
+    assert name == "a.png" and "a.txt" in why and "it is left as it is" in why
+    assert (dataset / "a.txt").read_bytes() == garbage
+
+
+@pytest.mark.parametrize("extension", [".gif", ".heic", ".JPG", ".x.webp"])
+def test_every_image_format_is_refused_as_caption_extension(extension):
+    with pytest.raises(ValueError, match="image extension"):
+        TaggingOptions(caption_extension=extension).validated()

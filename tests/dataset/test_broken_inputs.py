@@ -3,6 +3,8 @@ user's folder is byte-for-byte unchanged afterwards."""
 
 from __future__ import annotations
 
+import codecs
+import errno
 import io
 import random
 import struct
@@ -79,6 +81,16 @@ def build_corpus(folder: Path) -> None:
     (folder / "bom_caption.txt").write_bytes("\ufeffalice, red dress".encode())
     save_photo(folder / "アリス_01.png", seed=10, caption="alice, 着物")
     save_photo(folder / "émilie.jpg", seed=11, caption="alice, hat")
+    save_photo(folder / "powershell_caption.png", seed=12)  # echo "..." > x.txt in Windows PowerShell 5
+    (folder / "powershell_caption.txt").write_bytes(
+        codecs.BOM_UTF16_LE + "alice, café\r\n".encode("utf-16-le")
+    )
+    save_photo(folder / "notepad_caption.png", seed=13)
+    (folder / "notepad_caption.txt").write_bytes("alice, 着物".encode("utf-16-le"))  # no BOM
+    save_photo(folder / "binary_caption.png", seed=14)
+    (folder / "binary_caption.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    photo(64, 64, seed=15).save(folder / "animated.gif", "GIF")
+    (folder / "iphone.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
 
 
 LEFT_OUT = {
@@ -87,6 +99,8 @@ LEFT_OUT = {
     "notes.png": "not an image — the content is a text file",
     "one_pixel.png": "only 1x1 pixels, too small",
     "bomb.png": "decompression-bomb protection",
+    "animated.gif": "GIF (often animated) is not used for training; convert it to PNG or JPEG",
+    "iphone.HEIC": "HEIC (iPhone photos) cannot be read without an extra Pillow plugin",
 }
 LOADED_WITH_NOTE = {
     "really_png.jpg": "really a PNG image despite its .jpg extension",
@@ -96,6 +110,9 @@ LOADED_WITH_NOTE = {
     "exif_rotated.jpg": "rotated upright using its EXIF orientation",
     "latin1_caption.txt": "is not valid UTF-8; read it as Windows-1252/Latin-1",
     "bom_caption.txt": "starts with a UTF-8 byte-order mark",
+    "powershell_caption.txt": "starts with a UTF-16 LE byte-order mark; read as UTF-16 LE",
+    "notepad_caption.txt": "read as UTF-16 LE without a byte-order mark",
+    "binary_caption.txt": "holds NUL bytes, so it is not text; the class token is used instead",
 }
 GOOD = {
     "good_a.png",
@@ -109,6 +126,9 @@ GOOD = {
     "bom_caption.png",
     "アリス_01.png",
     "émilie.jpg",
+    "powershell_caption.png",
+    "notepad_caption.png",
+    "binary_caption.png",
 }
 
 
@@ -138,6 +158,9 @@ def test_good_files_in_the_same_folder_still_load_with_notes(corpus: Path):
     for name, phrase in LOADED_WITH_NOTE.items():
         assert any(note.startswith(name) and phrase in note for note in dataset.notes), (name, dataset.notes)
     assert records["latin1_caption.png"].caption == "alice, café"
+    assert records["powershell_caption.png"].caption == "alice, café"  # not "ÿþa\x00l\x00..."
+    assert records["notepad_caption.png"].caption == "alice, 着物"
+    assert records["binary_caption.png"].caption_file is None
     assert records["bom_caption.png"].caption == "alice, red dress"
     assert records["アリス_01.png"].caption == "alice, 着物"
     assert records["émilie.jpg"].caption == "alice, hat"
@@ -224,3 +247,60 @@ def test_whole_pipeline_leaves_the_users_folder_unchanged(corpus: Path, tmp_path
     assert sum(len(batch.captions) for batch in batches) == 2 * len(GOOD)
     assert folder_fingerprint(corpus) == before
     assert not any(path.name.startswith(".") for path in corpus.rglob("*"))
+
+
+def test_a_caption_extension_that_names_an_image_is_refused_before_reading(corpus: Path):
+    dataset = scan_dataset(config_for(corpus, flat_repeats=1, caption_extension=".png"))
+    assert not dataset.usable and "is an image extension" in dataset.errors[0]
+
+
+def test_an_unreadable_kohya_root_is_one_clear_error(tmp_path: Path, monkeypatch):
+    save_photo(tmp_path / "10_alice" / "a.png", seed=1)
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self == tmp_path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    dataset = scan_dataset(config_for(tmp_path, dataset_layout="kohya"))
+    assert dataset.errors == [
+        f"cannot list the folder {tmp_path} (Permission denied); check that it exists and that the WebUI "
+        "may read it"
+    ]
+
+
+def test_one_unreadable_caption_leaves_the_rest_of_the_scan(tmp_path: Path, monkeypatch):
+    save_photo(tmp_path / "a.png", seed=1, caption="alice, hat")
+    save_photo(tmp_path / "b.png", seed=2, caption="alice, dress")
+    real_read = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "b.txt":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    dataset = scan_dataset(config_for(tmp_path, flat_repeats=1))
+    assert dataset.usable and len(dataset.subsets[0].images) == 2
+    assert "b.txt: cannot be read (Permission denied); class token used" in dataset.notes
+
+
+def test_kohya_folders_nested_where_the_scan_does_not_look_are_named(tmp_path: Path):
+    # kohya_ss GUI's folder preparation makes <project>/img/10_alice: choosing <project> finds nothing
+    save_photo(tmp_path / "project" / "img" / "10_alice" / "a.png", seed=1)
+    for layout in ("kohya", "flat"):
+        dataset = scan_dataset(config_for(tmp_path / "project", dataset_layout=layout))
+        assert not dataset.usable
+        assert f"N_name subfolders were found deeper, in {tmp_path / 'project' / 'img'}" in dataset.errors[0]
+    assert any(
+        "holds N_name folders itself" in n
+        for n in scan_dataset(config_for(tmp_path / "project", dataset_layout="kohya")).notes
+    )
+    # an N_name folder inside another one is not read either
+    save_photo(tmp_path / "k" / "10_alice" / "a.png", seed=1)
+    save_photo(tmp_path / "k" / "10_alice" / "5_extra" / "b.png", seed=2)
+    dataset = scan_dataset(config_for(tmp_path / "k", dataset_layout="kohya"))
+    assert dataset.usable
+    assert any(note.startswith("10_alice/5_extra is not used") for note in dataset.notes)

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lib_lora_trainer.file_types import caption_extension_problem
+from lib_lora_trainer.files import atomic_write_text, read_text_file
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy")
 LR_SCHEDULERS = (
@@ -33,6 +37,9 @@ GRADIENT_CHECKPOINTING = ("auto", "on", "off")
 
 # What A1111's Lora folder scan and every file system accept without surprises.
 OUTPUT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
+# A file name may have 255 bytes; the longest we derive from the name is NAME-step00000500 (13) plus
+# .lora_trainer_config.json (25), so 200 leaves room for both and some to spare.
+MAX_OUTPUT_NAME_LENGTH = 200
 
 
 class ConfigError(ValueError):
@@ -140,7 +147,9 @@ class TrainingConfig:
                 value = "on" if value else "off"  # configs saved before "auto" existed
             try:
                 kwargs[name] = _coerce(value, known[name])
-            except (TypeError, ValueError):
+            except NotFinite:
+                problems.append(f"{name}: {value!r} is not a number; enter a finite number")
+            except (TypeError, ValueError, OverflowError):
                 problems.append(f"{name}: {value!r} is not a valid {_type_name(known[name])}")
         if problems:
             raise ConfigError(problems)
@@ -149,17 +158,23 @@ class TrainingConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> TrainingConfig:
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+            data = json.loads(read_text_file(path))
         except FileNotFoundError as error:
             raise ConfigError([f"config file {path} does not exist"]) from error
+        except IsADirectoryError as error:
+            raise ConfigError([str(error)]) from error
+        except OSError as error:
+            raise ConfigError([f"config file {path} cannot be read ({error.strerror or error})"]) from error
         except json.JSONDecodeError as error:
             raise ConfigError([f"config file {path} is not valid JSON: {error}"]) from error
+        except ValueError as error:  # not text (read_text_file says which encoding to use)
+            raise ConfigError([f"config file {error}"]) from error
         if not isinstance(data, dict):
             raise ConfigError([f"config file {path} must hold a JSON object"])
         return cls.from_dict(data)
 
     def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def warmup_steps_for(self, total_steps: int) -> int:
         if 0 < self.lr_warmup_steps < 1:
@@ -169,6 +184,10 @@ class TrainingConfig:
 
 def _type_name(f: dataclasses.Field) -> str:
     return str(f.type).replace("list[str]", "list of text")
+
+
+class NotFinite(ValueError):
+    """NaN or infinity where a number is expected."""
 
 
 def _coerce(value: Any, f: dataclasses.Field) -> Any:
@@ -184,14 +203,21 @@ def _coerce(value: Any, f: dataclasses.Field) -> Any:
     if kind == "int":
         if isinstance(value, bool):
             raise TypeError(value)
+        if isinstance(value, int):
+            return value  # float() of a huge int overflows; validate bounds it
         number = float(value)
+        if not math.isfinite(number):
+            raise NotFinite(value)
         if not number.is_integer():
             raise ValueError(value)
         return int(number)
     if kind == "float":
         if isinstance(value, bool):
             raise TypeError(value)
-        return float(value)
+        number = float(value)
+        if not math.isfinite(number):
+            raise NotFinite(value)
+        return number
     if kind == "str":
         if not isinstance(value, str):
             raise TypeError(value)
@@ -209,6 +235,11 @@ def output_name_problem(name: str) -> str | None:
     """Why ``name`` cannot be used as a LoRA file stem, or None when it can."""
     if not name:
         return "output name is empty"
+    if len(name) > MAX_OUTPUT_NAME_LENGTH:
+        return (
+            f"output name is {len(name)} characters long; use at most {MAX_OUTPUT_NAME_LENGTH} (the epoch "
+            "number and file extensions are added to it)"
+        )
     if "/" in name or "\\" in name:
         return f"output name {name!r} must not contain a folder separator"
     if ".." in name:
@@ -222,7 +253,7 @@ def output_name_problem(name: str) -> str | None:
 
 def validate(config: TrainingConfig, *, need_dataset: bool = True) -> list[str]:
     """Every problem with ``config`` as a sentence a user understands; empty when it is usable."""
-    problems: list[str] = []
+    problems, config = _value_problems(config)
 
     def check(condition: bool, message: str) -> None:
         if not condition:
@@ -239,7 +270,9 @@ def validate(config: TrainingConfig, *, need_dataset: bool = True) -> list[str]:
     check(config.dataset_layout in DATASET_LAYOUTS, f"dataset layout must be one of {DATASET_LAYOUTS}")
     check(config.flat_repeats >= 1, "repeats must be at least 1")
     check(config.prior_loss_weight >= 0, "prior loss weight must not be negative")
-    check(config.caption_extension.startswith("."), "caption extension must start with '.', like .txt")
+    extension_problem = caption_extension_problem(config.caption_extension)
+    if extension_problem:
+        problems.append(extension_problem)
     check(
         config.resolution >= 64 and config.resolution % 64 == 0,
         f"resolution {config.resolution} must be a positive multiple of 64 (512 or 768 for SD1.5)",
@@ -316,6 +349,84 @@ def validate(config: TrainingConfig, *, need_dataset: bool = True) -> list[str]:
         value = getattr(config, side)
         check(value == 0 or (value >= 64 and value % 8 == 0), f"{side} must be 0 or a multiple of 8")
     return problems
+
+
+# --- value bounds: numbers finite and within sane limits, text that fits in the file's metadata ---
+# Upper limits, far above any useful value, so a typo (or a huge number from an imported JSON) is
+# refused here instead of overflowing later. An int field not listed is bounded by DEFAULT_INT_LIMIT.
+DEFAULT_INT_LIMIT = 2**31 - 1
+MAX_SEED = 2**32 - 1  # what numpy, torch's generators and A1111's seeds all accept
+INT_LIMITS: dict[str, tuple[int, int]] = {
+    "seed": (0, MAX_SEED),
+    "sample_seed": (-1, MAX_SEED),  # -1: a random seed per sample
+    "flat_repeats": (-DEFAULT_INT_LIMIT, 10_000),
+    "epochs": (-DEFAULT_INT_LIMIT, 10_000),
+    "save_every_n_epochs": (-DEFAULT_INT_LIMIT, 10_000),
+    "sample_every_n_epochs": (-DEFAULT_INT_LIMIT, 10_000),
+    "batch_size": (-DEFAULT_INT_LIMIT, 1024),
+    "gradient_accumulation_steps": (-DEFAULT_INT_LIMIT, 1024),
+    "network_dim": (-DEFAULT_INT_LIMIT, 4096),
+    "conv_dim": (-DEFAULT_INT_LIMIT, 4096),
+    "resolution": (-DEFAULT_INT_LIMIT, 8192),
+    "min_bucket_reso": (-DEFAULT_INT_LIMIT, 8192),
+    "max_bucket_reso": (-DEFAULT_INT_LIMIT, 8192),
+    "keep_tokens": (-DEFAULT_INT_LIMIT, 1000),
+    "lr_scheduler_num_cycles": (-DEFAULT_INT_LIMIT, 10_000),
+    "sample_steps": (-DEFAULT_INT_LIMIT, 1000),
+    "sample_width": (-DEFAULT_INT_LIMIT, 8192),
+    "sample_height": (-DEFAULT_INT_LIMIT, 8192),
+}
+FLOAT_LIMITS: dict[str, float] = {"lr_warmup_steps": 1e9}
+# Text that ends up in every epoch file's metadata (safetensors refuses a header over 100 MB) or in
+# prompts: 64 KiB each is far more than any comment or prompt needs.
+MAX_TEXT_BYTES = 64 * 1024
+MAX_PATH_BYTES = 4096
+PATH_FIELDS = ("output_dir", "train_data_dir", "reg_data_dir", "network_weights")
+
+
+def _value_problems(config: TrainingConfig) -> tuple[list[str], TrainingConfig]:
+    """Problems of values that are not usable at all (NaN, infinity, out of range, too long), and
+    ``config`` with those fields set back to their defaults, so that the other checks neither repeat
+    them in misleading words ("nan must not be negative") nor fail on them."""
+    problems: list[str] = []
+    defaults: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        problem = _value_problem(f, getattr(config, f.name))
+        if problem:
+            problems.append(problem)
+            defaults[f.name] = (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            )
+    return problems, dataclasses.replace(config, **defaults) if defaults else config
+
+
+def _value_problem(f: dataclasses.Field, value: Any) -> str | None:
+    label = f.name.replace("_", " ")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{label} must be a finite number, not {value}"
+    if isinstance(value, int):
+        low, high = INT_LIMITS.get(f.name, (-DEFAULT_INT_LIMIT, DEFAULT_INT_LIMIT))
+        shown = value if len(str(value)) <= 20 else f"a {len(str(value))}-digit number"
+        if f.name in ("seed", "sample_seed") and not low <= value <= high:
+            return f"{label} must be between {low} and {high}, not {shown}"
+        if value > high:
+            return f"{label} must be at most {high}, not {shown}"
+        if value < low:
+            return f"{label} {shown} is far out of range"
+    if isinstance(value, float) and abs(value) > FLOAT_LIMITS.get(f.name, math.inf):
+        return f"{label} must be at most {FLOAT_LIMITS[f.name]:g}, not {value:g}"
+    texts = value if isinstance(value, list) else [value] if isinstance(value, str) else []
+    if texts:
+        size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts if isinstance(text, str))
+        limit = MAX_PATH_BYTES if f.name in PATH_FIELDS else MAX_TEXT_BYTES
+        if size > limit:
+            return (
+                f"{label} is {size // 1024} KiB long; at most {limit // 1024} KiB are kept "
+                "(it is stored in every epoch file); shorten it"
+            )
+    return None
 
 
 def validate_for_dataset(config: TrainingConfig, image_count: int) -> list[str]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import json
+import math
 
 import pytest
 
@@ -83,3 +86,90 @@ def test_dataset_dependent_checks():
     assert validate_for_dataset(TrainingConfig(batch_size=4), 0) == ["the dataset has no usable images"]
     assert "larger than the dataset" in validate_for_dataset(TrainingConfig(batch_size=4), 3)[0]
     assert validate_for_dataset(TrainingConfig(batch_size=3), 3) == []
+
+
+# --- values that are not usable at all: one mechanism for every field ---------------------------------
+FLOAT_FIELDS = [f.name for f in dataclasses.fields(TrainingConfig) if f.type == "float"]
+INT_FIELDS = [f.name for f in dataclasses.fields(TrainingConfig) if f.type == "int"]
+
+
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_nan_and_infinity_are_refused_as_not_finite_for_every_float(name, value):
+    problems = validate(TrainingConfig(train_data_dir="/d", **{name: value}))
+    label = name.replace("_", " ")
+    assert problems == [f"{label} must be a finite number, not {value}"]  # not "must not be negative"
+    with pytest.raises(ConfigError, match=f"{name}: .* is not a number; enter a finite number"):
+        TrainingConfig.from_dict({name: str(value)})
+    with pytest.raises(ConfigError, match=f"{name}: .* is not a number"):
+        TrainingConfig.from_dict({name: value})
+
+
+@pytest.mark.parametrize("name", INT_FIELDS)
+def test_huge_integers_are_refused_for_every_int(name):
+    for value in (10**30, 2**63):
+        problems = validate(TrainingConfig(train_data_dir="/d", **{name: value}))
+        assert len(problems) == 1 and ("must be at most" in problems[0] or "must be between" in problems[0])
+    assert TrainingConfig.from_dict({name: 10**400}).to_dict()[name] == 10**400  # no OverflowError
+    assert any(
+        "out of range" in p or "between" in p
+        for p in validate(TrainingConfig(train_data_dir="/d", **{name: -(10**30)}))
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("seed", 2**32, "seed must be between 0 and 4294967295, not 4294967296"),
+        ("seed", -1, "seed must be between 0 and 4294967295, not -1"),
+        ("flat_repeats", 100_000, "flat repeats must be at most 10000, not 100000"),
+        ("epochs", 10**12, "epochs must be at most 10000, not 1000000000000"),
+        ("lr_warmup_steps", 1e12, "lr warmup steps must be at most 1e+09, not 1e+12"),
+    ],
+)
+def test_sensible_maxima(name, value, message):
+    assert validate(TrainingConfig(train_data_dir="/d", **{name: value})) == [message]
+
+
+def test_seed_limits_are_what_the_generators_accept():
+    import numpy as np
+    import torch
+
+    torch.Generator().manual_seed(2**32 - 1)
+    np.random.default_rng(2**32 - 1)
+    assert validate(TrainingConfig(train_data_dir="/d", seed=2**32 - 1, sample_seed=-1)) == []
+
+
+def test_a_50_mb_comment_is_refused_before_it_reaches_the_epoch_file():
+    problems = validate(TrainingConfig(train_data_dir="/d", training_comment="x" * 50_000_000))
+    assert problems == [
+        "training comment is 48828 KiB long; at most 64 KiB are kept (it is stored in every epoch file); "
+        "shorten it"
+    ]
+    assert validate(TrainingConfig(train_data_dir="/d", training_comment="x" * 60_000)) == []
+    assert validate(TrainingConfig(train_data_dir="/d", sample_prompts=["a" * 40_000, "b" * 40_000]))
+
+
+def test_an_output_name_too_long_for_a_file_name_is_refused_early():
+    assert validate(TrainingConfig(train_data_dir="/d", output_name="a" * 200)) == []
+    [problem] = validate(TrainingConfig(train_data_dir="/d", output_name="a" * 230))
+    assert problem.startswith("output name is 230 characters long; use at most 200")
+    longest = "a" * 200 + "-step00000500" + ".lora_trainer_config.json"
+    assert len(longest) <= 255
+
+
+@pytest.mark.parametrize("extension", [".png", ".JPG", ".webp", ".gif", ".avif", ".heic", ".tiff", ".a.png"])
+def test_a_caption_extension_that_is_an_image_format_is_refused(extension):
+    problems = validate(TrainingConfig(train_data_dir="/d", caption_extension=extension))
+    assert problems and "is an image extension" in problems[0]
+
+
+def test_a_utf16_or_folder_config_path_is_read_or_explained(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_bytes(codecs.BOM_UTF16_LE + json.dumps({"epochs": 3}).encode("utf-16-le"))
+    assert TrainingConfig.from_json_file(path).epochs == 3
+    with pytest.raises(ConfigError, match="is a folder, not a file"):
+        TrainingConfig.from_json_file(tmp_path)
+    (tmp_path / "binary.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    with pytest.raises(ConfigError, match="not text"):
+        TrainingConfig.from_json_file(tmp_path / "binary.json")

@@ -158,17 +158,19 @@ class TrainingConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> TrainingConfig:
         try:
-            data = json.loads(read_text_file(path))
+            text = read_text_file(path)
         except FileNotFoundError as error:
             raise ConfigError([f"config file {path} does not exist"]) from error
         except IsADirectoryError as error:
             raise ConfigError([str(error)]) from error
         except OSError as error:
             raise ConfigError([f"config file {path} cannot be read ({error.strerror or error})"]) from error
-        except json.JSONDecodeError as error:
-            raise ConfigError([f"config file {path} is not valid JSON: {error}"]) from error
         except ValueError as error:  # not text (read_text_file says which encoding to use)
             raise ConfigError([f"config file {error}"]) from error
+        try:
+            data = json.loads(text)
+        except ValueError as error:  # JSONDecodeError, or an integer of more than 4300 digits
+            raise ConfigError([f"config file {path} is not valid JSON: {error}"]) from error
         if not isinstance(data, dict):
             raise ConfigError([f"config file {path} must hold a JSON object"])
         return cls.from_dict(data)
@@ -270,9 +272,7 @@ def validate(config: TrainingConfig, *, need_dataset: bool = True) -> list[str]:
     check(config.dataset_layout in DATASET_LAYOUTS, f"dataset layout must be one of {DATASET_LAYOUTS}")
     check(config.flat_repeats >= 1, "repeats must be at least 1")
     check(config.prior_loss_weight >= 0, "prior loss weight must not be negative")
-    extension_problem = caption_extension_problem(config.caption_extension)
-    if extension_problem:
-        problems.append(extension_problem)
+    # the caption extension is checked in _value_problems (it must never name an image)
     check(
         config.resolution >= 64 and config.resolution % 64 == 0,
         f"resolution {config.resolution} must be a positive multiple of 64 (512 or 768 for SD1.5)",
@@ -391,7 +391,7 @@ def _value_problems(config: TrainingConfig) -> tuple[list[str], TrainingConfig]:
     problems: list[str] = []
     defaults: dict[str, Any] = {}
     for f in dataclasses.fields(config):
-        problem = _value_problem(f, getattr(config, f.name))
+        problem = field_value_problem(f.name, getattr(config, f.name))
         if problem:
             problems.append(problem)
             defaults[f.name] = (
@@ -400,27 +400,30 @@ def _value_problems(config: TrainingConfig) -> tuple[list[str], TrainingConfig]:
     return problems, dataclasses.replace(config, **defaults) if defaults else config
 
 
-def _value_problem(f: dataclasses.Field, value: Any) -> str | None:
-    label = f.name.replace("_", " ")
+def field_value_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` is not usable at all for the field ``name`` (see :func:`_value_problems`)."""
+    label = name.replace("_", " ")
+    if name == "caption_extension" and isinstance(value, str):
+        return caption_extension_problem(value)
     if isinstance(value, bool):
         return None
     if isinstance(value, float) and not math.isfinite(value):
         return f"{label} must be a finite number, not {value}"
     if isinstance(value, int):
-        low, high = INT_LIMITS.get(f.name, (-DEFAULT_INT_LIMIT, DEFAULT_INT_LIMIT))
+        low, high = INT_LIMITS.get(name, (-DEFAULT_INT_LIMIT, DEFAULT_INT_LIMIT))
         shown = value if len(str(value)) <= 20 else f"a {len(str(value))}-digit number"
-        if f.name in ("seed", "sample_seed") and not low <= value <= high:
+        if name in ("seed", "sample_seed") and not low <= value <= high:
             return f"{label} must be between {low} and {high}, not {shown}"
         if value > high:
             return f"{label} must be at most {high}, not {shown}"
         if value < low:
             return f"{label} {shown} is far out of range"
-    if isinstance(value, float) and abs(value) > FLOAT_LIMITS.get(f.name, math.inf):
-        return f"{label} must be at most {FLOAT_LIMITS[f.name]:g}, not {value:g}"
+    if isinstance(value, float) and abs(value) > FLOAT_LIMITS.get(name, math.inf):
+        return f"{label} must be at most {FLOAT_LIMITS[name]:g}, not {value:g}"
     texts = value if isinstance(value, list) else [value] if isinstance(value, str) else []
     if texts:
         size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts if isinstance(text, str))
-        limit = MAX_PATH_BYTES if f.name in PATH_FIELDS else MAX_TEXT_BYTES
+        limit = MAX_PATH_BYTES if name in PATH_FIELDS else MAX_TEXT_BYTES
         if size > limit:
             return (
                 f"{label} is {size // 1024} KiB long; at most {limit // 1024} KiB are kept "

@@ -8,7 +8,9 @@ Every key then ends up in exactly one place of the :class:`KohyaImport` report:
 * ``applied``: set in the config (our field and value, with the kohya key it came from);
 * ``unsupported``: a setting that changes training but has no equivalent here, with the reason;
 * ``ignored``: a key with no effect here (off/empty, for other model families, or handled by the WebUI);
-* ``problems``: a value that could not be read (the config keeps its previous value).
+* ``problems``: a value that could not be read or is not usable at all (NaN, infinity, out of range):
+  the config keeps its previous value, and nothing derived from that value is applied either;
+* ``to_fix``: a value applied as given that our checks refuse; training is refused until it is changed.
 
 Nothing is dropped silently. The reverse direction (writing a kohya_ss JSON) is not provided.
 """
@@ -28,9 +30,11 @@ from lib_lora_trainer.config import (
     OPTIMIZERS,
     ConfigError,
     TrainingConfig,
+    field_value_problem,
     output_name_problem,
     validate,
 )
+from lib_lora_trainer.files import read_text_file
 
 logger = logging.getLogger(__name__)
 
@@ -313,12 +317,14 @@ class KohyaImport:
     ignored: list[ReportedKey] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    to_fix: list[str] = field(default_factory=list)  # also in problems: applied, but refused by validate
 
     def summary(self) -> str:
         """A plain-text report for the tab: what was set, what was not, and why."""
         parts = [f"Imported {len(self.applied)} settings from the kohya_ss config."]
         sections = [
-            ("Could not be read (previous value kept)", self.problems),
+            ("Could not be read (previous value kept)", [p for p in self.problems if p not in self.to_fix]),
+            ("Applied, but must be changed before training", self.to_fix),
             ("Not supported here (training will differ)", [item.line() for item in self.unsupported]),
             ("Adjusted on import", self.notes),
             ("Ignored (no effect here)", [item.line() for item in self.ignored]),
@@ -439,7 +445,11 @@ def _number_or(data: dict[str, Any], key: str, kind: type, fallback: Any, notes:
         return value
     try:
         number = float(value)
+        if not math.isfinite(number):
+            return value  # left for the converter, which reports it and keeps the previous value
         return int(number) if kind is int else number
+    except OverflowError:
+        return value
     except (TypeError, ValueError):
         if value != "":
             notes.append(f"{key}: {value!r} is not a number; read as {fallback} as kohya_ss does")
@@ -460,7 +470,18 @@ class _Importer:
         return self.data.get(key)
 
     def set(self, our_field: str, value: Any, source: str) -> None:
-        """Apply ``value``; ``source`` starts with the kohya key it came from."""
+        """Apply ``value``; ``source`` starts with the kohya key it came from. Nothing is applied from
+        a key whose value could not be read, and no value our field cannot hold at all (NaN, infinity,
+        out of range, too long): both are reported and the previous value is kept."""
+        key = source.split()[0]
+        if key in self.problem_keys:
+            return
+        problem = field_value_problem(our_field, value)
+        if problem:
+            shown = repr(self.data.get(key, value))
+            shown = shown if len(shown) <= 80 else f"{shown[:80]}..."
+            self.report_problem(key, f"{key} = {shown}: {problem}; previous value kept")
+            return
         self.values[our_field] = value
         self.result.applied[our_field] = value
         self.result.sources[our_field] = source
@@ -483,7 +504,7 @@ class _Importer:
             return None
         try:
             return _CONVERTERS[kind](value)
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, OverflowError) as error:
             self.report_problem(key, f"{key} = {value!r}: {error}; previous value kept")
             return None
 
@@ -507,7 +528,8 @@ class _Importer:
             self.result.config = TrainingConfig.from_dict(self.values)
         except ConfigError as error:  # a value our own checks refuse (type level)
             self.result.problems.extend(error.messages)
-        self.result.problems.extend(validate(self.result.config, need_dataset=False))
+        self.result.to_fix = validate(self.result.config, need_dataset=False)
+        self.result.problems.extend(self.result.to_fix)
         return self.result
 
     def model_family(self) -> None:
@@ -582,9 +604,14 @@ class _Importer:
             )
 
     def learning_rates(self) -> None:
-        base = self.convert("learning_rate", "float") or 0.0
-        unet = self.convert("unet_lr", "float") or 0.0
-        text = self.convert("text_encoder_lr", "float") or 0.0
+        keys = ("learning_rate", "unet_lr", "text_encoder_lr")
+        base, unet, text = (self.convert(key, "float") or 0.0 for key in keys)
+        unreadable = [key for key in keys if key in self.problem_keys]
+        if unreadable:  # an unreadable rate is not 0: reading it so would train only the other part
+            self.result.notes.append(
+                f"{', '.join(unreadable)} could not be read, so all learning rates keep their previous values"
+            )
+            return
         if base == unet == text == 0.0:
             if any(key in self.data for key in ("learning_rate", "unet_lr", "text_encoder_lr")):
                 message = "every learning rate is 0 in the config; previous rates kept"
@@ -692,7 +719,7 @@ class _Importer:
         seed = self.convert("seed", "int")
         if seed:
             self.set("seed", seed, "seed")
-        elif "seed" in self.data:
+        elif "seed" in self.data and "seed" not in self.problem_keys:
             self.result.notes.append(
                 f"seed 0 means a random seed in kohya_ss; the fixed seed {self.values['seed']} is kept"
             )
@@ -705,7 +732,7 @@ class _Importer:
             sizes = [int(float(part)) for part in re.split(r"[,x ]+", str(value).strip()) if part]
             if not sizes or len(sizes) > 2 or min(sizes) <= 0:
                 raise ValueError("expected 'width,height'")
-        except ValueError as error:
+        except (ValueError, OverflowError) as error:
             message = f"max_resolution = {value!r}: {error}; previous resolution kept"
             self.report_problem("max_resolution", message)
             return
@@ -839,11 +866,23 @@ def import_kohya_ss_config(data: dict[str, Any], base: TrainingConfig | None = N
 def load_kohya_ss_json(path: str | Path, base: TrainingConfig | None = None) -> KohyaImport:
     """Read a kohya_ss GUI JSON file and map it (see :func:`import_kohya_ss_config`)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        text = read_text_file(path)
     except FileNotFoundError as error:
         raise ConfigError([f"kohya_ss config {path} does not exist"]) from error
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except IsADirectoryError as error:
+        raise ConfigError([str(error)]) from error
+    except OSError as error:
+        raise ConfigError([f"kohya_ss config {path} cannot be read ({error.strerror or error})"]) from error
+    except ValueError as error:  # not text
+        raise ConfigError([f"kohya_ss config {error}"]) from error
+    try:
+        data = json.loads(text)
+    except ValueError as error:  # JSONDecodeError, or an integer of more than 4300 digits
         raise ConfigError([f"kohya_ss config {path} is not valid JSON: {error}"]) from error
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"kohya_ss config {path} must hold a JSON object ({{...}}), not {type(data).__name__}"]
+        )
     looks_like_kohya = any(key in data for key in ("LoRA_type", "network_dim", "train_data_dir"))
     if isinstance(data, dict) and not looks_like_kohya:
         logger.warning("%s does not look like a kohya_ss LoRA config; importing what matches", path)

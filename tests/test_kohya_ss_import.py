@@ -1,4 +1,6 @@
+import codecs
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -318,3 +320,92 @@ def test_load_from_file_and_bad_files(tmp_path: Path) -> None:
     listing.write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(ConfigError, match="JSON object"):
         load_kohya_ss_json(listing)
+
+
+# --- bad files and values: one sentence each, and the previous value really kept -----------------------
+@pytest.mark.parametrize("content", ["[1, 2]", "42", '"text"', "null", "true"])
+def test_a_json_that_is_not_an_object_is_one_clear_error(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "kohya.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match="must hold a JSON object"):
+        load_kohya_ss_json(path)
+
+
+def test_a_utf16_file_is_read_and_a_folder_is_explained(tmp_path: Path) -> None:
+    path = tmp_path / "kohya.json"
+    path.write_bytes(codecs.BOM_UTF16_LE + json.dumps({"network_dim": 8}).encode("utf-16-le"))
+    assert load_kohya_ss_json(path).config.network_dim == 8
+    with pytest.raises(ConfigError, match="is a folder, not a file"):
+        load_kohya_ss_json(tmp_path)
+
+
+INFINITE_KEYS = [
+    "epoch",
+    "max_train_epochs",
+    "seed",
+    "clip_skip",
+    "network_dim",
+    "network_alpha",
+    "learning_rate",
+    "unet_lr",
+    "text_encoder_lr",
+    "lr_warmup",
+    "lr_warmup_steps",
+    "lr_scheduler_num_cycles",
+    "noise_offset",
+    "max_resolution",
+    "train_batch_size",
+    "save_every_n_epochs",
+    "keep_tokens",
+    "prior_loss_weight",
+]
+
+
+@pytest.mark.parametrize("key", INFINITE_KEYS)
+@pytest.mark.parametrize("text", ["Infinity", "-Infinity", "NaN", "1e999", "1" + "0" * 400])
+def test_an_infinite_or_huge_number_keeps_the_previous_value(tmp_path: Path, key: str, text: str) -> None:
+    path = tmp_path / "kohya.json"
+    path.write_text(f'{{"LoRA_type": "Standard", "{key}": {text}}}')  # json.dumps(inf) writes Infinity
+    base = TrainingConfig(train_data_dir="/d")
+
+    result = load_kohya_ss_json(path, base)  # no exception (the UI answered HTTP 500)
+
+    assert result.config == base
+    assert any(problem.startswith(key) and "kept" in problem for problem in result.problems)
+    assert validate(result.config) == []
+
+
+def test_an_infinite_unet_lr_is_not_applied_as_zero() -> None:
+    base = TrainingConfig(unet_lr=2e-4, text_encoder_lr=1e-4)
+    result = import_kohya_ss_config({"unet_lr": math.inf, "text_encoder_lr": 5e-5, "learning_rate": 1e-4})
+    assert (result.config.unet_lr, result.config.text_encoder_lr) == (base.unet_lr, base.text_encoder_lr)
+    assert result.config.train_text_encoder
+    assert any("unet_lr = inf" in problem and "previous value kept" in problem for problem in result.problems)
+    assert any("all learning rates keep their previous values" in note for note in result.notes)
+
+
+def test_huge_integers_are_refused_with_the_previous_value_kept() -> None:
+    base = TrainingConfig()
+    result = import_kohya_ss_config({"epoch": 10**30, "seed": 2**40, "train_batch_size": 10**9})
+    assert (result.config.epochs, result.config.seed, result.config.batch_size) == (
+        base.epochs,
+        base.seed,
+        base.batch_size,
+    )
+    for key in ("epoch", "seed", "train_batch_size"):
+        assert any(p.startswith(f"{key} = ") and "previous value kept" in p for p in result.problems), key
+
+
+def test_a_huge_comment_and_an_image_caption_extension_are_not_applied() -> None:
+    result = import_kohya_ss_config({"training_comment": "x" * 100_000, "caption_extension": ".png"})
+    assert result.config.training_comment == "" and result.config.caption_extension == ".txt"
+    summary = result.summary()
+    assert "training_comment = 'xxxx" in summary and "at most 64 KiB" in summary
+    assert "caption_extension = '.png': caption extension '.png' is an image extension" in summary
+
+
+def test_values_applied_but_refused_by_our_checks_are_not_called_kept() -> None:
+    result = import_kohya_ss_config({"max_resolution": "500,500"})
+    summary = result.summary()
+    assert "Applied, but must be changed before training:\n- resolution 500 must be" in summary
+    assert "Could not be read" not in summary

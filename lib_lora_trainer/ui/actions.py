@@ -33,6 +33,7 @@ from lib_lora_trainer.dataset.crop import preview_crop
 from lib_lora_trainer.dataset.images import ImageLoadError
 from lib_lora_trainer.dataset.report import build_report
 from lib_lora_trainer.dataset.scan import scan_dataset
+from lib_lora_trainer.files import read_text_file
 from lib_lora_trainer.kohya_ss_import import load_kohya_ss_json
 from lib_lora_trainer.outputs.compare import (
     DEFAULT_WEIGHTS,
@@ -253,9 +254,11 @@ class TabActions:
         """Settings from a JSON file of config fields, over ``base``: keys the file lacks keep their
         current values (a partial file changes only what it names)."""
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
-        except (OSError, ValueError) as error:
-            raise ActionError(f"{Path(path).name} is not a readable settings file ({error})") from error
+            data = json.loads(read_text_file(path))
+        except OSError as error:
+            raise ActionError(f"{Path(path).name} cannot be read ({error.strerror or error}).") from error
+        except ValueError as error:
+            raise ActionError(f"{Path(path).name} is not a readable settings file ({error}).") from error
         if not isinstance(data, dict):
             raise ActionError(f"{Path(path).name} must hold a JSON object of settings")
         data.pop("output_dir", None)  # always the Lora folder of this WebUI

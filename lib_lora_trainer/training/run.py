@@ -19,7 +19,8 @@ from lib_lora_trainer.dataset.crop import FaceFinder
 from lib_lora_trainer.dataset.report import DatasetReport, build_report
 from lib_lora_trainer.dataset.scan import scan_dataset
 from lib_lora_trainer.dataset.source import DatasetError, build_batch_source
-from lib_lora_trainer.model.host import TrainingHost
+from lib_lora_trainer.files import remove_stale_temporaries
+from lib_lora_trainer.model.host import HostRefused, TrainingHost
 from lib_lora_trainer.training.loop import DatasetFacts, TrainingCallbacks, TrainingResult, train
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def run_training(
 ) -> TrainingResult:
     """Scan, plan and train. Every check runs before the host's model is touched."""
     ensure_valid(config)
+    remove_stale_temporaries(config.output_dir)  # what a killed save of an earlier run left
     prepared, dataset = prepare_dataset(config)
     for warning in prepared.report.warnings:
         log.warning("dataset: %s", warning.message)
@@ -94,11 +96,49 @@ def main(argv: list[str] | None = None) -> int:
         config = TrainingConfig.from_json_file(args.config)
         host = build_random_host(args.model, device=args.device)
         result = run_training(host, config, _PrintProgress())
-    except (ConfigError, DatasetError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as error:  # every failure ends as one message, never a traceback
+        return report_failure(error)
     print(json.dumps({"status": result.status, "message": result.message}))
     return 0 if result.status == "completed" else 1
+
+
+def report_failure(error: BaseException) -> int:
+    """Print what went wrong as one message (what is wrong, what to do) and return the exit code:
+    2 for bad settings, files or data, 1 for a failure while training, 130 when interrupted."""
+    code, message = _describe(error)
+    log.debug("headless run failed", exc_info=error)  # the traceback, for --log-level debug readers
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _describe(error: BaseException) -> tuple[int, str]:
+    if isinstance(error, KeyboardInterrupt):
+        return 130, "interrupted; the epochs saved so far are kept"
+    if isinstance(error, (ConfigError, DatasetError)):
+        return 2, str(error)
+    if isinstance(error, HostRefused):
+        return 2, f"this model cannot be trained here: {error}"
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        reason = error.strerror or str(error)
+        return 2, f"{where}{reason}; check the path, its permissions and the free disk space"
+    if isinstance(error, MemoryError):
+        return 1, "out of memory; lower the batch size or the resolution"
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if isinstance(error, ValueError):
+        return 2, f"{first_line}; check the settings and the --device/--model options"
+    if isinstance(error, (RuntimeError, AssertionError)) and _is_device_error(first_line):
+        return (
+            2,
+            f"the device cannot be used ({first_line}); choose one this torch supports, like --device cpu",
+        )
+    kind = type(error).__name__
+    return 1, f"training failed ({kind}: {first_line}); please report this with the log above"
+
+
+def _is_device_error(text: str) -> bool:
+    lowered = text.lower()
+    return any(word in lowered for word in ("device", "cuda", "mps", "not compiled with"))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
+import errno
 import json
 
+import pytest
+
+from lib_lora_trainer.model import standalone
+from lib_lora_trainer.model.host import HostRefused
 from lib_lora_trainer.network.kohya_format import load_kohya_lora
 from lib_lora_trainer.training.run import main
 from tests.engine.helpers import make_images, tiny_config
@@ -60,3 +66,48 @@ def test_main_reports_an_empty_dataset(tmp_path, capsys):
     tiny_config(tmp_path, train_data_dir=str(tmp_path / "empty")).save_json(path)
     assert main([str(path)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_utf16_config_is_read_and_a_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    path = tmp_path / "config.json"
+    text = json.dumps({"train_data_dir": str(tmp_path / "empty"), "output_dir": str(tmp_path / "Lora")})
+    path.write_bytes(codecs.BOM_UTF16_LE + text.encode("utf-16-le"))  # PowerShell's "> config.json"
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "has no images" in err and "Traceback" not in err  # read: the dataset is what is wrong
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder, not a file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "fragment"),
+    [
+        (ValueError("resolution 500 does not fit"), 2, "resolution 500 does not fit; check the settings"),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/data/Lora"),
+            2,
+            "/data/Lora: Permission denied;",
+        ),
+        (OSError(errno.ENOSPC, "No space left on device"), 2, "No space left on device; check the path"),
+        (HostRefused("clip skip 13 is outside 1..12"), 2, "this model cannot be trained here: clip skip 13"),
+        (RuntimeError("Torch not compiled with CUDA enabled"), 2, "the device cannot be used (Torch not"),
+        (MemoryError(), 1, "out of memory; lower the batch size"),
+        (KeyError("unet"), 1, "training failed (KeyError: 'unet'); please report this"),
+        (KeyboardInterrupt(), 130, "interrupted; the epochs saved so far are kept"),
+    ],
+)
+def test_every_failure_of_the_headless_entry_is_one_line(
+    tmp_path, capsys, monkeypatch, error, code, fragment
+):
+    path = tmp_path / "config.json"
+    tiny_config(tmp_path, train_data_dir=str(tmp_path)).save_json(path)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(standalone, "build_random_host", fail)
+    assert main([str(path)]) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and fragment in err, err

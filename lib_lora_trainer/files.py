@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -51,6 +52,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     target = _write_target(link)
     target.parent.mkdir(parents=True, exist_ok=True)
     existing = _stat_or_none(target)
+    if existing is not None and not os.access(target, os.W_OK):  # the user made it read-only
+        raise PermissionError(errno.EACCES, "the file is read-only", str(target))
     temp = target.parent / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}"
     with _in_flight_lock:
         _in_flight.add(str(temp))

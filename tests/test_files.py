@@ -13,14 +13,6 @@ from pathlib import Path
 import pytest
 
 from lib_lora_trainer import files
-from lib_lora_trainer.files import (
-    atomic_write_bytes,
-    atomic_write_text,
-    backup_before_overwrite,
-    decode_text,
-    read_text_file,
-    remove_stale_temporaries,
-)
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
 
@@ -35,7 +27,7 @@ def test_a_replaced_file_keeps_its_mode(tmp_path: Path):
         target = tmp_path / f"caption-{mode:o}.txt"
         target.write_text("old")
         os.chmod(target, mode)
-        atomic_write_text(target, "new")
+        files.atomic_write_text(target, "new")
         assert target.read_text() == "new" and mode_of(target) == mode
 
 
@@ -43,8 +35,8 @@ def test_a_replaced_file_keeps_its_mode(tmp_path: Path):
 def test_a_new_file_gets_the_umask_default_not_0600(tmp_path: Path):
     previous = os.umask(0o002)
     try:
-        atomic_write_bytes(tmp_path / "epoch-000001.safetensors", b"x")
-        atomic_write_bytes(tmp_path / "sub" / "card.json", b"{}")
+        files.atomic_write_bytes(tmp_path / "epoch-000001.safetensors", b"x")
+        files.atomic_write_bytes(tmp_path / "sub" / "card.json", b"{}")
     finally:
         os.umask(previous)
     assert mode_of(tmp_path / "epoch-000001.safetensors") == 0o664
@@ -87,7 +79,7 @@ def test_a_symlinked_caption_is_written_through_and_stays_a_link(tmp_path: Path)
     link = tmp_path / "a.txt"
     link.symlink_to(real)
 
-    atomic_write_text(link, "new")
+    files.atomic_write_text(link, "new")
 
     assert link.is_symlink() and os.readlink(link) == str(real)
     assert real.read_text() == "new" and mode_of(real) == 0o644
@@ -98,14 +90,14 @@ def test_a_dangling_link_whose_folder_is_gone_is_refused_clearly(tmp_path: Path)
     link = tmp_path / "a.txt"
     link.symlink_to(tmp_path / "gone" / "a.txt")
     with pytest.raises(FileNotFoundError, match="is a link to .* whose folder does not exist"):
-        atomic_write_text(link, "new")
+        files.atomic_write_text(link, "new")
 
 
 def test_the_temporary_name_is_short_for_a_250_character_name(tmp_path: Path):
     long_name = "a" * 250 + ".txt"  # 254 characters: the old ".<name>.<random>.tmp" could not be made
-    atomic_write_text(tmp_path / long_name, "caption")
+    files.atomic_write_text(tmp_path / long_name, "caption")
     assert (tmp_path / long_name).read_text() == "caption"
-    backup = backup_before_overwrite(tmp_path / long_name)
+    backup = files.backup_before_overwrite(tmp_path / long_name)
     assert backup is not None and len(backup.name) <= 255 and backup.read_text() == "caption"
 
 
@@ -115,7 +107,7 @@ def test_a_failed_write_leaves_no_temporary(tmp_path: Path, monkeypatch):
 
     monkeypatch.setattr(files.os, "replace", full_disk)
     with pytest.raises(OSError):
-        atomic_write_text(tmp_path / "a.txt", "x")
+        files.atomic_write_text(tmp_path / "a.txt", "x")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -137,11 +129,11 @@ def test_only_our_stale_temporaries_are_removed(tmp_path: Path):
     for path in (stale, live, *user_files):
         path.write_text("x")
 
-    removed = remove_stale_temporaries(tmp_path)
+    removed = files.remove_stale_temporaries(tmp_path)
 
     assert removed == [stale] and not stale.exists() and live.exists()
     assert all(path.exists() for path in user_files)
-    assert remove_stale_temporaries(tmp_path / "missing") == []
+    assert files.remove_stale_temporaries(tmp_path / "missing") == []
 
 
 def test_a_killed_save_is_cleaned_up_at_the_next_scan(tmp_path: Path):
@@ -172,19 +164,29 @@ def test_a_killed_save_is_cleaned_up_at_the_next_scan(tmp_path: Path):
     ],
 )
 def test_text_is_decoded_whatever_its_byte_order_mark(raw: bytes, label: str):
-    decoded = decode_text(raw)
+    decoded = files.decode_text(raw)
     assert decoded.text == "1girl, café" and decoded.label == label and decoded.exact
     assert decoded.encode(decoded.text) == raw  # written back exactly as it was
 
 
 def test_binary_content_is_not_text():
-    decoded = decode_text(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x01")
+    decoded = files.decode_text(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x01")
     assert not decoded.is_text and "NUL" in decoded.problem
 
 
 def test_settings_files_in_utf16_or_a_folder_are_read_or_refused_in_one_sentence(tmp_path: Path):
     utf16 = tmp_path / "config.json"
     utf16.write_bytes(codecs.BOM_UTF16_LE + '{"epochs": 3}'.encode("utf-16-le"))  # PowerShell's ">"
-    assert read_text_file(utf16) == '{"epochs": 3}'
+    assert files.read_text_file(utf16) == '{"epochs": 3}'
     with pytest.raises(IsADirectoryError, match="is a folder, not a file"):
-        read_text_file(tmp_path)
+        files.read_text_file(tmp_path)
+
+
+def test_a_read_only_file_is_not_replaced(tmp_path: Path, monkeypatch):
+    target = tmp_path / "a.txt"
+    target.write_text("mine")
+    real_access = os.access
+    monkeypatch.setattr(files.os, "access", lambda p, m: False if Path(p) == target else real_access(p, m))
+    with pytest.raises(PermissionError, match="read-only"):
+        files.atomic_write_text(target, "new")
+    assert target.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]

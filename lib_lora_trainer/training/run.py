@@ -53,7 +53,8 @@ def run_training(
 ) -> TrainingResult:
     """Scan, plan and train. Every check runs before the host's model is touched."""
     ensure_valid(config)
-    remove_stale_temporaries(config.output_dir)  # what a killed save of an earlier run left
+    if config.output_dir:
+        remove_stale_temporaries(config.output_dir)  # what a killed save of an earlier run left
     prepared, dataset = prepare_dataset(config)
     for warning in prepared.report.warnings:
         log.warning("dataset: %s", warning.message)

@@ -11,7 +11,7 @@ import pytest
 
 from lib_lora_trainer import files
 from lib_lora_trainer.dataset import CaptionEditError, CaptionEditor
-from lib_lora_trainer.files import BACKUP_FOLDER_NAME, decode_text
+from lib_lora_trainer.files import BACKUP_FOLDER_NAME
 from tests.dataset.helpers import config_for, save_photo
 
 
@@ -226,10 +226,10 @@ def test_utf16_captions_are_read_and_rewritten_in_their_own_encoding(tmp_path: P
     assert item.caption == "1girl, café, 着物" and item.problem is None
 
     editor.add_tag("smile")
-    decoded = decode_text((tmp_path / "a.txt").read_bytes())
+    decoded = files.decode_text((tmp_path / "a.txt").read_bytes())
     assert decoded.text.strip() == "1girl, café, 着物, smile"
-    assert decoded.bom == decode_text(raw).bom and decoded.encoding == decode_text(raw).encoding
-    assert decoded.text.endswith("\r\n") == decode_text(raw).text.endswith("\r\n")  # its line ending
+    assert decoded.bom == files.decode_text(raw).bom and decoded.encoding == files.decode_text(raw).encoding
+    assert decoded.text.endswith("\r\n") == files.decode_text(raw).text.endswith("\r\n")  # its line ending
     editor.undo_last_bulk_edit()
     assert (tmp_path / "a.txt").read_bytes() == raw
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib_lora_trainer.config import TrainingConfig
+from lib_lora_trainer.config import INT_LIMITS, TrainingConfig
 from lib_lora_trainer.dataset.caption_files import read_caption_file
 from lib_lora_trainer.dataset.images import (
     DEFAULT_BACKGROUND,
@@ -32,6 +32,7 @@ from lib_lora_trainer.files import remove_stale_temporaries
 logger = logging.getLogger(__name__)
 
 KOHYA_FOLDER_PATTERN = re.compile(r"^(\d+)_(.*)$")
+MAX_REPEATS = INT_LIMITS["flat_repeats"][1]  # an N_name folder's count is bounded as the flat one is
 SUPPORTED_TYPES = ", ".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 
 ProgressCallback = Callable[[int, int], None]
@@ -271,6 +272,12 @@ def _kohya_folders(
     for folder, repeats, class_tokens in subfolders:
         if repeats < 1:
             result.notes.append(f"{folder.name}: 0 repeats, so this folder is not used (as in kohya)")
+            continue
+        if repeats > MAX_REPEATS:
+            result.notes.append(
+                f"{folder.name}: {repeats} repeats is more than {MAX_REPEATS}, so this folder is not used; "
+                "rename it with a smaller count"
+            )
             continue
         for nested, _, _ in _kohya_subfolders(folder):
             result.notes.append(

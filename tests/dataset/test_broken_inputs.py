@@ -304,3 +304,11 @@ def test_kohya_folders_nested_where_the_scan_does_not_look_are_named(tmp_path: P
     dataset = scan_dataset(config_for(tmp_path / "k", dataset_layout="kohya"))
     assert dataset.usable
     assert any(note.startswith("10_alice/5_extra is not used") for note in dataset.notes)
+
+
+def test_a_huge_repeat_count_in_a_folder_name_is_refused_not_overflowed(tmp_path: Path):
+    save_photo(tmp_path / "10_alice" / "a.png", seed=1)
+    save_photo(tmp_path / ("9" * 30 + "_alice") / "b.png", seed=2)
+    dataset = scan_dataset(config_for(tmp_path, dataset_layout="kohya"))
+    assert [subset.name for subset in dataset.subsets] == ["10_alice"]
+    assert any("repeats is more than 10000, so this folder is not used" in note for note in dataset.notes)

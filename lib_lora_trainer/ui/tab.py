@@ -568,6 +568,7 @@ class _Tab:
         try:
             form = self._form(values)
             updated, message = change(form.config(), form)
+            self.memory.save(updated)  # what the form shows now is what a reload brings back
             return (*values_from_config(updated), _message(message))
         except (ActionError, *USER_ERRORS) as error:
             return (*[gr.update()] * len(FIELD_NAMES), _error_message(error))

@@ -118,6 +118,8 @@ class JobSnapshot:
         """One line for A1111's progress bar (no newline, or A1111 hides it)."""
         if self.phase:
             return f"Preparing {self.run_name}: {self.phase} {self.phase_done}/{self.phase_total}"
+        if self.state == "preparing":
+            return f"Preparing {self.run_name}: reading the dataset"
         text = (
             f"Training {self.run_name}: step {self.step}/{self.total_steps}, epoch {self.epoch}/{self.epochs}"
         )
@@ -217,6 +219,7 @@ class TrainingJob:
                 self._frame = frame
                 self._update(state="preparing", message="Preparing the dataset and the model...")
                 self._started()
+                self._report_progress()  # the host's bar says "preparing", not a stale 0.01
                 result = run_training(
                     self.services.training_host(),
                     self.config,

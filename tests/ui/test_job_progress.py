@@ -73,6 +73,7 @@ def test_each_preparation_phase_reports_its_own_progress(services, jobs, dataset
     ]  # fmt: skip
     assert 'value="0.7500"' in seen[1][3] and 'data-phase="Caching latents"' in seen[1][3]
     frame = services.frames[-1]
+    assert frame.reports.pop(0) == (0, 0, "Preparing alice: reading the dataset")
     assert frame.reports[:3] == [
         (0, 4, "Preparing alice: Caching latents 0/4"),
         (3, 4, "Preparing alice: Caching latents 3/4"),

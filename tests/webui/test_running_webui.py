@@ -131,8 +131,11 @@ def test_confinement_roots_ignore_settings_anyone_can_change(monkeypatch, tmp_pa
     assert services.defaults().dataset_dir == str(tmp_path / "private")  # the setting is used again
 
 
-def test_each_phase_restarts_the_progress_apis_clock(webui):
-    from lib_lora_trainer.webui.services import A1111JobFrame
+def test_each_phase_restarts_the_progress_apis_clock(webui, tmp_path):
+    from lib_lora_trainer.webui.services import A1111JobFrame, A1111Services
+
+    # the remembered form lies beside config.json, in --data-dir
+    assert A1111Services().form_memory_path() == tmp_path / "lora_char_trainer-last-form.json"
 
     webui.shared.state.time_start = 0.0
     A1111JobFrame("task(x)").begin_phase()

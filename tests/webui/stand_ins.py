@@ -379,6 +379,20 @@ def install(
             lambda callback, _name=name: script_callbacks.registered.append((_name, callback)),
         )
 
+    ui_extra_networks = module("ui_extra_networks")
+
+    class Lister:  # util.MassFileLister
+        def __init__(self):
+            self.resets = 0
+
+        def reset(self):
+            self.resets += 1
+
+    ui_extra_networks.extra_pages = [
+        types.SimpleNamespace(name=name, lister=Lister())
+        for name in ("textual inversion", "lora", "checkpoints")
+    ]
+
     networks = types.ModuleType("networks")
     networks.announced = []
     networks.update_available_networks_by_names = networks.announced.extend

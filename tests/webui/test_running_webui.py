@@ -140,3 +140,12 @@ def test_each_phase_restarts_the_progress_apis_clock(webui, tmp_path):
     webui.shared.state.time_start = 0.0
     A1111JobFrame("task(x)").begin_phase()
     assert webui.shared.state.time_start > 0
+
+
+def test_a_new_epoch_freshens_only_the_lora_pages_file_listing(webui, tmp_path):
+    from lib_lora_trainer.webui.services import A1111Services
+
+    A1111Services().notify_lora_added("alice-000001", tmp_path / "alice-000001.safetensors")
+    assert webui.networks.announced == ["alice-000001"]
+    resets = {page.name: page.lister.resets for page in webui.ui_extra_networks.extra_pages}
+    assert resets == {"textual inversion": 0, "lora": 1, "checkpoints": 0}

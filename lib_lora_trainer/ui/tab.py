@@ -129,7 +129,13 @@ def _error_message(error: BaseException) -> str:
 
 
 class _Tab:
-    """Builds the components and wires the events; one instance per rendered page layout."""
+    """Builds the components and wires the events; one instance per rendered page layout.
+
+    Adding a block (a button and what it shows): create its components in the section's layout method
+    (or a new ``_..._section`` called from :meth:`build`) and wire them in a ``_wire_...`` method called
+    from :meth:`_wire`. A handler that needs the settings is wired with ``self.form_inputs(*extra)``,
+    takes one ``values`` dict and reads ``self._config(self._form(values))`` and ``form[component]``.
+    """
 
     def __init__(self, services: HostServices, jobs: TrainingJobs):
         self.services = services

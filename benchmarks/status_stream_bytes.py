@@ -37,9 +37,8 @@ def main() -> None:
     gallery, log = views.samples_gallery(snap), views.log_text(snap)
     print(f"every output (what each new step sent before): {size([status, chart, gallery, log])} bytes")
     print(f"a new step now (status + chart): {size([status, chart])} bytes")
-    print(
-        f"a tick without a new step now (status): {size([views.status_html(dataclasses.replace(snap, elapsed_s=901))])} bytes"
-    )
+    later = views.status_html(dataclasses.replace(snap, elapsed_s=901))
+    print(f"a tick without a new step now (status): {size([later])} bytes")
     print(f"of which chart {size(chart)}, gallery {size(gallery)}, log {size(log)} bytes")
 
 

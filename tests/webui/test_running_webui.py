@@ -90,15 +90,18 @@ def test_unload_checkpoint_is_refused_only_while_the_model_is_in_use(webui):
     assert webui.recorder.moved_to_cpu == [webui.shared.sd_model]
 
 
-def test_forge_is_refused_when_train_is_pressed(monkeypatch, tmp_path):
+def test_forge_is_refused_when_train_is_pressed(monkeypatch, tmp_path, caplog):
     stand_ins.install(monkeypatch, tmp_path)
     monkeypatch.setitem(sys.modules, "modules_forge", types.ModuleType("modules_forge"))
+    from lib_lora_trainer.webui import extension
     from lib_lora_trainer.webui.services import A1111Services
 
     services = A1111Services()
     dataset = make_dataset(Path(services.defaults().dataset_dir) / "alice")
     with pytest.raises(JobRefused, match="Forge"):
         TrainingJobs(services).start(tiny_config(dataset))
+    extension.on_app_started(None, None)
+    assert "Stable Diffusion WebUI Forge" in caplog.text  # said once at start-up too
 
 
 def test_no_checkpoint_is_refused_when_train_is_pressed(webui):

@@ -217,20 +217,6 @@ class A1111Services:
         networks.update_available_networks_by_names([stem])
         _forget_lora_page_listing()
 
-
-def _forget_lora_page_listing() -> None:
-    """The Lora cards page caches its folder listings (``util.MassFileLister``): forget them, so that the
-    page's single-card route (what the tab's JavaScript asks for the new epoch) sees the new file's preview
-    and card JSON. Only the Lora page: embeddings and checkpoints are left alone."""
-    try:
-        from modules import ui_extra_networks
-    except ImportError:
-        return
-    for page in getattr(ui_extra_networks, "extra_pages", []):
-        lister = getattr(page, "lister", None)
-        if getattr(page, "name", "") == "lora" and lister is not None:
-            lister.reset()
-
     def connect_send_to_txt2img(self, button: Any, infotext: Any) -> None:
         from modules import infotext_utils
 
@@ -298,3 +284,17 @@ def _newest_grid(folder: Path, since: float) -> Path | None:
         if mtime >= since - 1 and (newest is None or mtime > newest[0]):
             newest = (mtime, path)
     return newest[1] if newest else None
+
+
+def _forget_lora_page_listing() -> None:
+    """The Lora cards page caches its folder listings (``util.MassFileLister``): forget them, so that the
+    page's single-card route (what the tab's JavaScript asks for the new epoch) sees the new file's preview
+    and card JSON. Only the Lora page: embeddings and checkpoints are left alone."""
+    try:
+        from modules import ui_extra_networks
+    except ImportError:
+        return
+    for page in getattr(ui_extra_networks, "extra_pages", []):
+        lister = getattr(page, "lister", None)
+        if getattr(page, "name", "") == "lora" and lister is not None:
+            lister.reset()

@@ -143,7 +143,8 @@ class _Tab:
         self.actions = TabActions(services, jobs)
         defaults = services.defaults()
         self.initial = TrainingConfig(train_data_dir=defaults.dataset_dir)
-        self.memory = FormMemory(services.form_memory_path())
+        remembered_at = getattr(services, "form_memory_path", None)  # a host may keep no form
+        self.memory = FormMemory(remembered_at() if remembered_at else None)
         self.fields: dict[str, gr.components.Component] = {}
 
     # --- the form -----------------------------------------------------------------------------------

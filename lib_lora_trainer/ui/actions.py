@@ -26,7 +26,12 @@ from lib_lora_trainer.captioning import (
     WD14Tagger,
     tag_folder,
 )
-from lib_lora_trainer.captioning.wd14_models import missing_model_files
+from lib_lora_trainer.captioning.wd14_models import (
+    DEFAULT_CHARACTER_THRESHOLD,
+    FALLBACK_GENERAL_THRESHOLD,
+    ensure_model_files,
+    installed_models,
+)
 from lib_lora_trainer.config import ConfigError, TrainingConfig, output_name_problem
 from lib_lora_trainer.dataset.caption_editor import CaptionedImage, CaptionEditError, CaptionEditor
 from lib_lora_trainer.dataset.crop import preview_crop
@@ -83,15 +88,16 @@ class TaggerChoice:
     replace_underscores: bool = True
 
 
-def tagger_models() -> list[str]:
-    return list(WD14_MODELS)
+def tagger_models(models_dir: str | Path = "") -> list[str]:
+    """The models to offer: those already in ``models_dir`` (built-in or placed by hand), then the
+    built-in ones that would be downloaded."""
+    installed = installed_tagger_models(models_dir)
+    return installed + [name for name in WD14_MODELS if name not in installed]
 
 
 def installed_tagger_models(models_dir: str | Path) -> list[str]:
-    """Registered WD14 models whose files are already in ``models_dir`` (usable offline)."""
-    if not str(models_dir).strip():
-        return []
-    return [name for name in WD14_MODELS if not missing_model_files(Path(models_dir) / name)]
+    """WD14 models whose files are already below ``models_dir`` (usable offline), by name."""
+    return list(installed_models(models_dir))
 
 
 def default_tagger_model(models_dir: str | Path) -> str:
@@ -100,7 +106,9 @@ def default_tagger_model(models_dir: str | Path) -> str:
 
 
 def default_tagger_thresholds(model: str) -> tuple[float, float]:
-    info = WD14_MODELS.get(model) or WD14_MODELS[DEFAULT_MODEL]
+    info = WD14_MODELS.get(model)
+    if info is None:  # a model placed by hand: the thresholds most front ends start from
+        return FALLBACK_GENERAL_THRESHOLD, DEFAULT_CHARACTER_THRESHOLD
     return info.general_threshold, info.character_threshold
 
 
@@ -203,9 +211,12 @@ class TabActions:
         defaults = self.services.defaults()
         try:
             options.validated()
-            tagger = WD14Tagger.from_registry(
-                choice.model, defaults.tagger_models_dir, allow_download=defaults.allow_tagger_download
-            )
+            if choice.model in WD14_MODELS:
+                tagger = WD14Tagger.from_registry(
+                    choice.model, defaults.tagger_models_dir, allow_download=defaults.allow_tagger_download
+                )
+            else:  # placed by hand in a folder of its own name
+                tagger = WD14Tagger(ensure_model_files(choice.model, defaults.tagger_models_dir))
         except (TaggerModelUnavailable, TaggerModelError, ValueError) as error:
             raise ActionError(str(error)) from error
         task_id = self.services.new_task_id("tag")

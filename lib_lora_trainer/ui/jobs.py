@@ -35,13 +35,27 @@ from lib_lora_trainer.training.loop import (
     TrainingOutOfMemory,
     TrainingPlan,
 )
-from lib_lora_trainer.training.run import run_training
+from lib_lora_trainer.training.run import prepare_dataset, run_training
 from lib_lora_trainer.ui.services import HostServices, JobFrame
 
 logger = logging.getLogger(__name__)
 
 RUNNING_STATES = ("queued", "preparing", "training", "sampling")
 MAX_LOG_LINES = 200
+# How the preparation phases the engine reports (TrainingCallbacks.on_phase) are named for the user.
+PHASE_LABELS = {
+    "latents": "Caching latents",
+    "cache_latents": "Caching latents",
+    "caching_latents": "Caching latents",
+    "conditioning": "Encoding captions",
+    "adapters": "Attaching the adapters",
+    "memory_probe": "Measuring memory",
+}
+
+
+def phase_label(phase: str) -> str:
+    """A phase name from the engine as the user reads it ("cache_latents" -> "Caching latents")."""
+    return PHASE_LABELS.get(phase, phase.replace("_", " ").strip().capitalize() or "Preparing")
 
 
 class JobRefused(ValueError):
@@ -82,6 +96,9 @@ class JobSnapshot:
     epoch_results: tuple[EpochResult, ...] = ()
     log: tuple[str, ...] = ()
     version: int = 0
+    phase: str = ""  # the preparation phase under way ("Caching latents"), empty once training runs
+    phase_done: int = 0
+    phase_total: int = 0
 
     @property
     def running(self) -> bool:
@@ -99,6 +116,10 @@ class JobSnapshot:
 
     def progress_text(self) -> str:
         """One line for A1111's progress bar (no newline, or A1111 hides it)."""
+        if self.phase:
+            return f"Preparing {self.run_name}: {self.phase} {self.phase_done}/{self.phase_total}"
+        if self.state == "preparing":
+            return f"Preparing {self.run_name}: reading the dataset"
         text = (
             f"Training {self.run_name}: step {self.step}/{self.total_steps}, epoch {self.epoch}/{self.epochs}"
         )
@@ -116,6 +137,10 @@ class _State:
     epoch: int = 0
     epochs: int = 0
     started: float = 0.0
+    ended: float = 0.0
+    phase: str = ""
+    phase_done: int = 0
+    phase_total: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
     epoch_results: list[EpochResult] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
@@ -161,7 +186,8 @@ class TrainingJob:
     def snapshot(self) -> JobSnapshot:
         with self._lock:
             state = self._state
-            elapsed = time.time() - state.started if state.started else 0.0
+            end = state.ended or time.time()
+            elapsed = end - state.started if state.started else 0.0
             return JobSnapshot(
                 task_id=self.task_id,
                 run_name=self.run.name,
@@ -177,15 +203,23 @@ class TrainingJob:
                 epoch_results=tuple(state.epoch_results),
                 log=tuple(state.log),
                 version=state.version,
+                phase=state.phase,
+                phase_done=state.phase_done,
+                phase_total=state.phase_total,
             )
 
     # --- the thread ---------------------------------------------------------------------------------
     def _main(self) -> None:
         try:
             with self.services.exclusive_job(self.task_id, f"Training {self.run.name}") as frame:
+                if self._stop.is_set():  # stopped while it waited in the queue: touch nothing
+                    self._update(state="interrupted", message="Stopped before it started; nothing changed.")
+                    self._log("Stopped while waiting for the GPU; the model was not prepared.")
+                    return
                 self._frame = frame
                 self._update(state="preparing", message="Preparing the dataset and the model...")
                 self._started()
+                self._report_progress()  # the host's bar says "preparing", not a stale 0.01
                 result = run_training(
                     self.services.training_host(),
                     self.config,
@@ -202,10 +236,18 @@ class TrainingJob:
             self._fail(f"Training failed: {type(error).__name__}: {error}")
         finally:
             self._frame = None
+            self._ended()
 
     def _started(self) -> None:
         with self._lock:
             self._state.started = time.time()
+
+    def _ended(self) -> None:
+        with self._lock:
+            if self._state.started and not self._state.ended:
+                self._state.ended = time.time()
+            self._state.phase = ""
+            self._state.version += 1
 
     def _fail(self, message: str) -> None:
         logger.error("%s", message)
@@ -225,7 +267,9 @@ class TrainingJob:
             total_steps=plan.total_steps,
             epochs=plan.epochs,
             epoch=1,
+            phase="",
         )
+        self._begin_phase()  # the progress bar's ETA counts from the first step, not from preparation
         self._log(
             f"{plan.total_steps} steps ({plan.epochs} epochs x {plan.steps_per_epoch}), "
             f"{plan.adapted_modules} adapted modules, {plan.trainable_parameters:,} trainable parameters; "
@@ -235,11 +279,28 @@ class TrainingJob:
 
     def on_step(self, progress: StepProgress) -> None:
         with self._lock:
-            self._state.step = progress.step
-            self._state.total_steps = progress.total_steps
-            self._state.epoch = progress.epoch
-            self._state.losses.extend(progress.new_losses)
-            self._state.version += 1
+            state = self._state
+            state.step = progress.step
+            state.total_steps = progress.total_steps
+            state.epoch = progress.epoch
+            state.losses.extend(progress.new_losses)
+            state.phase = ""  # the steps have begun: preparation is over
+            if state.state == "training":
+                state.message = f"epoch {progress.epoch} of {state.epochs}"
+            state.version += 1
+        self._report_progress()
+
+    def on_phase(self, phase: str, done: int, total: int) -> None:
+        """A preparation phase (latent caching, adapters, memory probe) moved on: its own progress."""
+        label = phase_label(phase)
+        with self._lock:
+            state = self._state
+            new_phase = state.phase != label
+            state.phase, state.phase_done, state.phase_total = label, int(done), int(total)
+            state.message = f"{label} ({done}/{total})" if total else label
+            state.version += 1
+        if new_phase:
+            self._begin_phase()
         self._report_progress()
 
     def on_epoch_saved(self, saved: EpochSaved) -> None:
@@ -272,6 +333,7 @@ class TrainingJob:
         with self._lock:
             self._state.epoch_results.append(result)
             self._state.state = "training"
+            self._state.message = f"epoch {saved.epoch} of {self._state.epochs} saved"
             self._state.version += 1
         self._report_progress()
 
@@ -309,7 +371,16 @@ class TrainingJob:
         if frame is None:
             return
         snapshot = self.snapshot()
-        frame.progress(snapshot.step, snapshot.total_steps, snapshot.progress_text())
+        if snapshot.phase:
+            frame.progress(snapshot.phase_done, snapshot.phase_total, snapshot.progress_text())
+        else:
+            frame.progress(snapshot.step, snapshot.total_steps, snapshot.progress_text())
+
+    def _begin_phase(self) -> None:
+        frame = self._frame
+        begin = getattr(frame, "begin_phase", None)
+        if begin is not None:
+            begin()
 
 
 class _Callbacks(TrainingCallbacks):
@@ -327,6 +398,9 @@ class _Callbacks(TrainingCallbacks):
 
     def on_notice(self, message: str) -> None:
         self.job.on_notice(message)
+
+    def on_phase(self, phase: str, done: int, total: int) -> None:
+        self.job.on_phase(phase, done, total)
 
     def should_stop(self) -> bool:
         return self.job.should_stop()
@@ -371,7 +445,8 @@ class TrainingJobs:
                 run = self._plan_run(registry, config.output_name, number_if_taken)
                 config = dataclasses.replace(config, output_name=run.name, output_dir=str(run.folder))
                 ensure_valid(config)
-            except (ConfigError, PathNotAllowedError, ValueError) as error:
+                self._preflight(config)
+            except (ConfigError, PathNotAllowedError, HostRefused, ValueError) as error:
                 logger.warning("training not started: %s", error)
                 raise JobRefused(str(error), getattr(error, "suggestion", None)) from error
             job = TrainingJob(
@@ -387,6 +462,15 @@ class TrainingJobs:
             return "No training is running."
         job.request_stop()
         return "Stopping after the current step; the last finished epoch is kept."
+
+    def _preflight(self, config: TrainingConfig) -> None:
+        """What run_training would refuse later, checked now so that Train never says "started" for a run
+        that cannot start: the dataset (folders, usable images), the LoRA to continue from, the model."""
+        prepare_dataset(config)  # DatasetError: one sentence per problem
+        weights = config.network_weights.strip()
+        if weights and not Path(weights).is_file():
+            raise JobRefused(f"The LoRA file to continue from does not exist: {weights}.")
+        self.services.training_host()  # HostRefused: no checkpoint loaded, an unsupported WebUI
 
     def _checked_paths(self, config: TrainingConfig) -> TrainingConfig:
         policy = self.services.path_policy()

@@ -59,6 +59,10 @@ class JobFrame(Protocol):
 
     def progress(self, step: int, total: int, text: str) -> None: ...
 
+    def begin_phase(self) -> None:
+        """A new phase (latent caching, training ...) starts: the host's ETA counts from now."""
+        ...
+
     def interrupted(self) -> bool: ...
 
 
@@ -88,7 +92,14 @@ class HostServices(Protocol):
         ...
 
     def path_policy(self) -> PathPolicy:
-        """Whether typed paths are confined (the WebUI listens beyond localhost), and to which roots."""
+        """Whether typed paths are confined (the WebUI listens beyond localhost), and to which roots.
+
+        When confined, the roots come from what no browser or API user can change (command-line options,
+        the host's fixed folders), never from settings."""
+        ...
+
+    def form_memory_path(self) -> Path | None:
+        """The JSON file that keeps the last submitted form, so a reloaded page gets it back."""
         ...
 
     def new_task_id(self, kind: str) -> str: ...

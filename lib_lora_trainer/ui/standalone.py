@@ -76,6 +76,7 @@ PASTE_FIELDS = (
     "Z Type",
     "Z Values",
 )
+FORM_MEMORY_NAME = "lora_char_trainer-last-form.json"
 STYLE_SHEET = Path(__file__).resolve().parents[2] / "style.css"  # the extension's own, as A1111 loads it
 LORA_TAG = re.compile(r"<lora:([^:>]+):([0-9.]+)>")
 KEY_VALUE = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -106,9 +107,13 @@ class _Frame:
     task_id: str
     services: StandaloneServices
     reports: list[tuple[int, int, str]] = field(default_factory=list)
+    phases_begun: int = 0
 
     def progress(self, step: int, total: int, text: str) -> None:
         self.reports.append((step, total, text))
+
+    def begin_phase(self) -> None:
+        self.phases_begun += 1
 
     def interrupted(self) -> bool:
         return self.services.interrupt_event.is_set()
@@ -183,6 +188,9 @@ class StandaloneServices:
 
     def path_policy(self) -> PathPolicy:
         return PathPolicy.create(self.confined, [self.datasets_dir, self.lora_dir])
+
+    def form_memory_path(self) -> Path:
+        return self.root / FORM_MEMORY_NAME
 
     # --- jobs ---------------------------------------------------------------------------------------
     def new_task_id(self, kind: str) -> str:

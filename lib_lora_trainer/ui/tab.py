@@ -3,14 +3,21 @@
 Plain gradio 3.41 and a :class:`~lib_lora_trainer.ui.services.HostServices`: the same code runs inside
 A1111 and in the stand-alone test app. The handlers here only convert between gradio values and
 :class:`~lib_lora_trainer.ui.actions.TabActions`; the behaviour lives there.
+
+Every handler that needs the settings gets the whole form at once: its inputs are a *set* of components
+(:meth:`_Tab.form_inputs`), so gradio calls it with one ``{component: value}`` dict, which
+:class:`FormState` turns into the :class:`TrainingConfig` (its fields come from
+:data:`~lib_lora_trainer.ui.form.FIELDS`) and the tab's other values. A section is one
+``_..._section`` method for its layout and one ``_wire_...`` method for its events.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import gradio as gr
@@ -34,7 +41,6 @@ from lib_lora_trainer.ui.form import (
     CAPTIONS,
     DATASET,
     FIELD_NAMES,
-    FIELDS,
     SAMPLES,
     FieldSpec,
     config_from_values,
@@ -42,25 +48,55 @@ from lib_lora_trainer.ui.form import (
     value_for_form,
     values_from_config,
 )
-from lib_lora_trainer.ui.jobs import TrainingJobs
+from lib_lora_trainer.ui.form_memory import FormMemory
+from lib_lora_trainer.ui.jobs import JobSnapshot, TrainingJobs
 from lib_lora_trainer.ui.services import GridSettings, HostServices
+from lib_lora_trainer.ui.uploads import RefusedUpload, UploadFile
 
 logger = logging.getLogger(__name__)
 
 TAB_TITLE = "Train Character LoRA"
 TAB_ID = "lora_char_trainer"
 POLL_SECONDS = 1.0
-NUMBER_OF_CONFIG_INPUTS = len(FIELDS)
 
-# The Train button's JavaScript: inside A1111 ``lctStartTraining`` (javascript/) makes a task id and
-# attaches the WebUI's own progress bar to it; elsewhere the values pass through unchanged.
-START_JS = "(...args) => (typeof lctStartTraining === 'function' ? lctStartTraining(...args) : args)"
 ATTACH_JS = (
     "(id) => { if (id && typeof lctAttachProgress === 'function') { lctAttachProgress(id); } return id; }"
 )
+# new epochs are announced to the Lora extension on the server; their cards are HTML in the page, and
+# only those cards are fetched again (A1111's refresh button would rebuild every extra-networks page)
 REFRESH_CARDS_JS = (
-    "(...args) => { if (typeof lctRefreshLoraCards === 'function') { lctRefreshLoraCards(); } return args; }"
+    "(stems) => { if (typeof lctRefreshLoraCards === 'function') { lctRefreshLoraCards(stems); } "
+    "return stems; }"
 )
+
+
+def start_js(task_id_index: int) -> str:
+    """The Train button's JavaScript: inside A1111 ``lctStartTraining`` (javascript/) puts a fresh task id
+    at ``task_id_index`` of the submitted values and attaches the WebUI's own progress bar to it;
+    elsewhere the values pass through unchanged."""
+    return (
+        f"(...args) => (typeof lctStartTraining === 'function' ? lctStartTraining({task_id_index}, args) "
+        ": args)"
+    )
+
+
+class FormState:
+    """One submitted form: gradio's ``{component: value}`` for a set of inputs, read by name.
+
+    ``config()`` is the :class:`TrainingConfig` the FIELDS inputs describe; ``self[component]`` is any
+    other input of the event (the tagger's model, the selected image ...).
+    """
+
+    def __init__(self, values: Mapping[Any, Any], fields: Mapping[str, Any]):
+        self.values = values
+        self.fields = fields
+
+    def __getitem__(self, component: Any) -> Any:
+        return self.values[component]
+
+    def config(self) -> TrainingConfig:
+        """Raises :class:`~lib_lora_trainer.config.ConfigError` for a value of the wrong type."""
+        return config_from_values([self.values[self.fields[name]] for name in FIELD_NAMES])
 
 
 def _component(spec: FieldSpec, value: Any) -> gr.components.Component:
@@ -82,14 +118,24 @@ def _message(text: str, kind: str = "info") -> str:
     return f'<div class="lct-message lct-{kind}">{html.escape(text)}</div>'
 
 
+def _error_text(error: BaseException) -> str:
+    return "\n".join(error.messages) if isinstance(error, ConfigError) else str(error)
+
+
 def _error_message(error: BaseException) -> str:
-    text = "\n".join(error.messages) if isinstance(error, ConfigError) else str(error)
+    text = _error_text(error)
     logger.warning("%s", text)
     return _message(text, "error")
 
 
 class _Tab:
-    """Builds the components and wires the events; one instance per rendered page layout."""
+    """Builds the components and wires the events; one instance per rendered page layout.
+
+    Adding a block (a button and what it shows): create its components in the section's layout method
+    (or a new ``_..._section`` called from :meth:`build`) and wire them in a ``_wire_...`` method called
+    from :meth:`_wire`. A handler that needs the settings is wired with ``self.form_inputs(*extra)``,
+    takes one ``values`` dict and reads ``self._config(self._form(values))`` and ``form[component]``.
+    """
 
     def __init__(self, services: HostServices, jobs: TrainingJobs):
         self.services = services
@@ -97,20 +143,32 @@ class _Tab:
         self.actions = TabActions(services, jobs)
         defaults = services.defaults()
         self.initial = TrainingConfig(train_data_dir=defaults.dataset_dir)
+        remembered_at = getattr(services, "form_memory_path", None)  # a host may keep no form
+        self.memory = FormMemory(remembered_at() if remembered_at else None)
         self.fields: dict[str, gr.components.Component] = {}
 
-    # --- helpers ------------------------------------------------------------------------------------
+    # --- the form -----------------------------------------------------------------------------------
     @property
-    def config_inputs(self) -> list[gr.components.Component]:
+    def config_outputs(self) -> list[gr.components.Component]:
+        """The FIELDS inputs in FIELDS order (what :func:`values_from_config` fills)."""
         return [self.fields[name] for name in FIELD_NAMES]
+
+    def form_inputs(self, *extra: gr.components.Component) -> set[gr.components.Component]:
+        """The whole form plus ``extra``: as a set, gradio hands the handler one ``{component: value}``."""
+        return {*self.fields.values(), *extra}
+
+    def _form(self, values: Mapping[Any, Any]) -> FormState:
+        return FormState(values, self.fields)
+
+    def _config(self, form: FormState) -> TrainingConfig:
+        """The form's config, remembered as the last submitted one (a reloaded page gets it back)."""
+        config = form.config()
+        self.memory.save(config)
+        return config
 
     def _fields(self, section: str) -> None:
         for spec in fields_in(section):
             self.fields[spec.name] = _component(spec, value_for_form(spec, self.initial))
-
-    @staticmethod
-    def _config(values: tuple | list) -> TrainingConfig:
-        return config_from_values(list(values[:NUMBER_OF_CONFIG_INPUTS]))
 
     # --- layout -------------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
@@ -154,7 +212,7 @@ class _Tab:
                 model = default_tagger_model(self.services.defaults().tagger_models_dir)
                 general, character = default_tagger_thresholds(model)
                 self.tagger_model = gr.Dropdown(
-                    choices=tagger_models(),
+                    choices=tagger_models(self.services.defaults().tagger_models_dir),
                     value=model,
                     info="Downloaded once into the tagger folder of the settings, then used offline.",
                     label="Tagger model",
@@ -233,10 +291,10 @@ class _Tab:
             self._fields(ADVANCED)
         with gr.Accordion("Import or load settings", open=False, elem_id="lct_import_settings"):
             with gr.Row():
-                self.kohya_file = gr.File(
+                self.kohya_file = UploadFile(
                     label="kohya_ss GUI config (.json)", file_types=[".json"], elem_id="lct_kohya_file"
                 )
-                self.config_file = gr.File(
+                self.config_file = UploadFile(
                     label="Settings saved by this trainer (.json)",
                     file_types=[".json"],
                     elem_id="lct_config_file",
@@ -254,7 +312,9 @@ class _Tab:
         )
         with gr.Row():
             self.train_button = gr.Button("Train", variant="primary", elem_id="lct_train")
-            self.stop_button = gr.Button("Stop", elem_id="lct_stop")
+            # the WebUI's own Interrupt button lives in txt2img/img2img and shows only for their
+            # generations: this one does the same for the run (ends it after the current step)
+            self.stop_button = gr.Button("Stop (interrupt)", variant="stop", elem_id="lct_stop")
         gr.HTML('<div id="lct_progressbar"></div>')
         self.run_message = gr.HTML(elem_id="lct_run_message")
         self.status = gr.HTML(views.status_html(None), elem_id="lct_status")
@@ -263,6 +323,7 @@ class _Tab:
         self.log = gr.Textbox(label="Log", lines=6, interactive=False, elem_id="lct_log")
         self.task_id = gr.Textbox(visible=False, elem_id="lct_task_id")
         self.results_version = gr.Textbox(visible=False, elem_id="lct_results_version")
+        self.new_cards = gr.Textbox(visible=False, elem_id="lct_new_cards")  # JSON list of epoch stems
 
     def _results_section(self) -> None:
         with gr.Row():
@@ -306,14 +367,22 @@ class _Tab:
 
     # --- events -------------------------------------------------------------------------------------
     def _wire(self, tab: gr.Blocks) -> None:
-        config_inputs = self.config_inputs
-        self.scan_button.click(self.on_scan, config_inputs, [self.report, self.crops])
+        self._wire_dataset()
+        self._wire_captions()
+        self._wire_settings(tab)
+        self._wire_run(tab)
+        self._wire_results()
+
+    def _wire_dataset(self) -> None:
+        self.scan_button.click(self.on_scan, self.form_inputs(), [self.report, self.crops])
+
+    def _wire_captions(self) -> None:
         self.tagger_model.change(
             lambda model: default_tagger_thresholds(model),
             [self.tagger_model],
             [self.general_threshold, self.character_threshold],
         )
-        tagger_inputs = [
+        tagger_inputs = self.form_inputs(
             self.tagger_model,
             self.general_threshold,
             self.character_threshold,
@@ -321,22 +390,20 @@ class _Tab:
             self.existing_mode,
             self.include_rating,
             self.replace_underscores,
-        ]
-        caption_outputs = [self.caption_gallery, self.gallery_paths, self.tag_frequency]
-        self.tag_button.click(
-            self.on_tag, config_inputs + tagger_inputs, [self.tag_summary, *caption_outputs]
         )
+        caption_outputs = [self.caption_gallery, self.gallery_paths, self.tag_frequency]
+        self.tag_button.click(self.on_tag, tagger_inputs, [self.tag_summary, *caption_outputs])
         self.load_captions_button.click(
-            self.on_load_captions, config_inputs, [*caption_outputs, self.caption_message]
+            self.on_load_captions, self.form_inputs(), [*caption_outputs, self.caption_message]
         )
         self.caption_gallery.select(
             self.on_select_image,
-            [self.gallery_paths, *config_inputs],
+            self.form_inputs(self.gallery_paths),
             [self.selected_image, self.selected_label, self.caption_box],
         )
         self.save_caption_button.click(
             self.on_save_caption,
-            config_inputs + [self.selected_image, self.caption_box],
+            self.form_inputs(self.selected_image, self.caption_box),
             [*caption_outputs, self.caption_message],
         )
         for button, operation in (
@@ -348,25 +415,21 @@ class _Tab:
         ):
             button.click(
                 self._bulk_handler(operation),
-                config_inputs + [self.bulk_tag, self.bulk_replacement],
+                self.form_inputs(self.bulk_tag, self.bulk_replacement),
                 [*caption_outputs, self.caption_message],
             )
 
-        self.apply_preset_button.click(
-            self.on_apply_preset, config_inputs + [self.preset], config_inputs + [self.settings_message]
-        )
-        self.import_kohya_button.click(
-            self.on_import_kohya, config_inputs + [self.kohya_file], config_inputs + [self.settings_message]
-        )
-        self.load_config_button.click(
-            self.on_load_config, config_inputs + [self.config_file], config_inputs + [self.settings_message]
-        )
+    def _wire_settings(self, tab: gr.Blocks) -> None:
+        outputs = [*self.config_outputs, self.settings_message]
+        self.apply_preset_button.click(self.on_apply_preset, self.form_inputs(self.preset), outputs)
+        self.import_kohya_button.click(self.on_import_kohya, self.form_inputs(self.kohya_file), outputs)
+        self.load_config_button.click(self.on_load_config, self.form_inputs(self.config_file), outputs)
         self.load_run_settings_button.click(
-            self.on_load_run_settings,
-            config_inputs + [self.run_choice],
-            config_inputs + [self.settings_message],
+            self.on_load_run_settings, self.form_inputs(self.run_choice), outputs
         )
+        tab.load(self.on_page_load, None, self.config_outputs)
 
+    def _wire_run(self, tab: gr.Blocks) -> None:
         watch_outputs = [
             self.status,
             self.chart,
@@ -375,17 +438,20 @@ class _Tab:
             self.task_id,
             self.run_choice,
             self.results_version,
+            self.new_cards,
         ]
+        train_inputs = self.form_inputs(self.task_id, self.number_if_taken)
+        # gradio sends a set of inputs sorted by component id: that is where the JavaScript puts the id
+        task_id_index = sorted(train_inputs, key=lambda component: component._id).index(self.task_id)
         self.train_button.click(
-            self.on_train,
-            [self.task_id, *config_inputs, self.number_if_taken],
-            [self.run_message, self.task_id],
-            _js=START_JS,
+            self.on_train, train_inputs, [self.run_message, self.task_id], _js=start_js(task_id_index)
         ).then(self.watch, None, watch_outputs)
         self.stop_button.click(self.on_stop, None, [self.run_message])
         tab.load(self.watch, None, watch_outputs)
         self.task_id.change(None, [self.task_id], None, _js=ATTACH_JS)
+        self.new_cards.change(None, [self.new_cards], None, _js=REFRESH_CARDS_JS)
 
+    def _wire_results(self) -> None:
         compare_inputs = [
             self.run_choice,
             self.extra_prompt,
@@ -406,9 +472,14 @@ class _Tab:
             self.render_grid_button,
             self.results_message,
         ]
-        for trigger in (self.run_choice, self.results_version, self.weight_axis, self.seed_count):
+        grid_fields = [self.grid_steps, self.grid_sampler, self.grid_cfg, self.grid_width, self.grid_height]
+        # a run chosen: the grid starts from the size and sampling its samples used
+        self.run_choice.change(self.on_run_chosen, [self.run_choice], grid_fields).then(
+            self.on_results, compare_inputs, results_outputs
+        )
+        for trigger in (self.results_version, self.weight_axis, self.seed_count):
             trigger.change(self.on_results, compare_inputs, results_outputs)
-        for trigger in (self.extra_prompt, self.compare_negative, *compare_inputs[5:]):
+        for trigger in (self.extra_prompt, self.compare_negative, *grid_fields):
             trigger.blur(self.on_results, compare_inputs, results_outputs)
         self.refresh_runs_button.click(self.on_refresh_runs, [self.run_choice], [self.run_choice]).then(
             self.on_results, compare_inputs, results_outputs
@@ -417,15 +488,13 @@ class _Tab:
         self.render_grid_button.click(
             self.on_render_grid, compare_inputs, [self.grid_image, self.results_message]
         )
-        # new epochs are announced to the Lora extension on the server; the cards are HTML in the page
-        self.results_version.change(None, None, None, _js=REFRESH_CARDS_JS)
 
     # --- handlers: dataset and captions ---------------------------------------------------------------
-    def on_scan(self, *values):
+    def on_scan(self, values: dict):
         try:
-            result = self.actions.scan(self._config(values))
+            result = self.actions.scan(self._config(self._form(values)))
         except (ActionError, *USER_ERRORS) as error:
-            return str(error), []
+            return _error_text(error), []
         return result.report_text, result.previews
 
     def _caption_view(self, config: TrainingConfig):
@@ -434,57 +503,66 @@ class _Tab:
         gallery = views.caption_gallery([(item.image, item.caption) for item in items])
         return gallery, paths, self.actions.tag_frequency(config)
 
-    def on_tag(self, progress=gr.Progress(), *values):  # noqa: B008 (gradio injects the tracker)
-        config = self._config(values)
-        model, general, character, undesired, mode, rating, underscores = values[NUMBER_OF_CONFIG_INPUTS:]
-        choice = TaggerChoice(
-            model, float(general), float(character), undesired or "", mode, bool(rating), bool(underscores)
-        )
+    def on_tag(self, values: dict, progress=gr.Progress()):  # noqa: B008 (gradio injects the tracker)
+        form = self._form(values)
         try:
+            config = self._config(form)
+            choice = TaggerChoice(
+                form[self.tagger_model],
+                float(form[self.general_threshold]),
+                float(form[self.character_threshold]),
+                form[self.undesired_tags] or "",
+                form[self.existing_mode],
+                bool(form[self.include_rating]),
+                bool(form[self.replace_underscores]),
+            )
             summary = self.actions.run_tagger(
                 config, choice, progress=lambda done, total, name: progress((done, total), desc=name)
             )
             return (summary, *self._caption_view(config))
         except (ActionError, *USER_ERRORS) as error:
             logger.warning("tagging: %s", error)
-            return str(error), gr.update(), gr.update(), gr.update()
+            return _error_text(error), gr.update(), gr.update(), gr.update()
 
-    def on_load_captions(self, *values):
+    def on_load_captions(self, values: dict):
         try:
-            return (*self._caption_view(self._config(values)), "")
+            return (*self._caption_view(self._config(self._form(values))), "")
         except (ActionError, *USER_ERRORS) as error:
             return [], [], [], _error_message(error)
 
-    def on_select_image(self, paths: list[str], evt: gr.SelectData, *values):
+    def on_select_image(self, values: dict, evt: gr.SelectData):
+        form = self._form(values)
+        paths = form[self.gallery_paths]
         index = evt.index if isinstance(evt.index, int) else evt.index[0]
         if not paths or not 0 <= index < len(paths):
             return "", "No image selected.", ""
         image = paths[index]
         try:
-            items = {str(item.image): item for item in self.actions.captions(self._config(values))}
+            items = {str(item.image): item for item in self.actions.captions(self._config(form))}
         except (ActionError, *USER_ERRORS) as error:
-            return "", str(error), ""
+            return "", _error_text(error), ""
         item = items.get(image)
         if item is None:
             return "", "That image is no longer in the dataset; reload the captions.", ""
         note = f" ({item.problem})" if item.problem else ""
         return image, f"**{item.image.name}**{note}", item.caption
 
-    def on_save_caption(self, *values):
-        config = self._config(values)
-        image, caption = values[NUMBER_OF_CONFIG_INPUTS:]
+    def on_save_caption(self, values: dict):
+        form = self._form(values)
         try:
-            message = self.actions.set_caption(config, image, caption)
+            config = self._config(form)
+            message = self.actions.set_caption(config, form[self.selected_image], form[self.caption_box])
             return (*self._caption_view(config), _message(message))
         except (ActionError, *USER_ERRORS) as error:
             return gr.update(), gr.update(), gr.update(), _error_message(error)
 
     def _bulk_handler(self, operation: str) -> Callable:
-        def handler(*values):
-            config = self._config(values)
-            tag, replacement = values[NUMBER_OF_CONFIG_INPUTS:]
+        def handler(values: dict):
+            form = self._form(values)
             try:
-                message = self.actions.bulk_edit(config, operation, tag or "", replacement or "")
+                config = self._config(form)
+                tag, replacement = form[self.bulk_tag] or "", form[self.bulk_replacement] or ""
+                message = self.actions.bulk_edit(config, operation, tag, replacement)
                 return (*self._caption_view(config), _message(message))
             except (ActionError, *USER_ERRORS) as error:
                 return gr.update(), gr.update(), gr.update(), _error_message(error)
@@ -492,50 +570,59 @@ class _Tab:
         return handler
 
     # --- handlers: settings -------------------------------------------------------------------------
-    def _with_config(self, values, change: Callable[[TrainingConfig, Any], tuple[TrainingConfig, str]]):
+    def _with_config(self, values: dict, change: Callable[[TrainingConfig, FormState], tuple]):
+        """Run ``change(config, form)`` -> (new config, message) and put the new config into the form."""
         try:
-            config = self._config(values)
-            updated, message = change(config, values[NUMBER_OF_CONFIG_INPUTS])
+            form = self._form(values)
+            updated, message = change(form.config(), form)
+            self.memory.save(updated)  # what the form shows now is what a reload brings back
             return (*values_from_config(updated), _message(message))
         except (ActionError, *USER_ERRORS) as error:
-            return (*[gr.update()] * NUMBER_OF_CONFIG_INPUTS, _error_message(error))
+            return (*[gr.update()] * len(FIELD_NAMES), _error_message(error))
 
-    def on_apply_preset(self, *values):
-        def change(config, name):
+    def on_apply_preset(self, values: dict):
+        def change(config, form):
+            name = form[self.preset]
             return apply_preset(config, name), f"Preset '{name}' applied."
 
         return self._with_config(values, change)
 
-    def on_import_kohya(self, *values):
-        def change(config, upload):
-            if upload is None:
-                raise ActionError("Choose a kohya_ss .json file first.")
-            return self.actions.import_kohya(_upload_path(upload), config)
+    def on_import_kohya(self, values: dict):
+        def change(config, form):
+            path = _upload_path(form[self.kohya_file], "Choose a kohya_ss .json file first.")
+            return self.actions.import_kohya(path, config)
 
         return self._with_config(values, change)
 
-    def on_load_config(self, *values):
-        def change(config, upload):
-            if upload is None:
-                raise ActionError("Choose a settings .json file first.")
-            return self.actions.load_config_file(_upload_path(upload), config), "Settings loaded."
+    def on_load_config(self, values: dict):
+        def change(config, form):
+            path = _upload_path(form[self.config_file], "Choose a settings .json file first.")
+            return self.actions.load_config_file(path, config), "Settings loaded."
 
         return self._with_config(values, change)
 
-    def on_load_run_settings(self, *values):
-        def change(config, run_name):
-            return self.actions.load_run_config(
-                run_name or "", config
-            ), f"Settings of run '{run_name}' loaded."
+    def on_load_run_settings(self, values: dict):
+        def change(config, form):
+            run_name = form[self.run_choice] or ""
+            return self.actions.load_run_config(run_name, config), f"Settings of run '{run_name}' loaded."
 
         return self._with_config(values, change)
+
+    def on_page_load(self):
+        """The last submitted form back in the page (defaults when there is none)."""
+        remembered = self.memory.load(self.initial)
+        if remembered is None:
+            return [gr.update()] * len(FIELD_NAMES)
+        return values_from_config(remembered)
 
     # --- handlers: run ------------------------------------------------------------------------------
-    def on_train(self, task_id: str, *values):
-        number_if_taken = bool(values[-1])
+    def on_train(self, values: dict):
+        form = self._form(values)
         try:
             message = self.actions.start_training(
-                self._config(values[:-1]), task_id=task_id or "", number_if_taken=number_if_taken
+                self._config(form),
+                task_id=form[self.task_id] or "",
+                number_if_taken=bool(form[self.number_if_taken]),
             )
         except (ActionError, *USER_ERRORS) as error:
             return _error_message(error), ""
@@ -546,37 +633,35 @@ class _Tab:
         return _message(self.jobs.stop())
 
     def watch(self) -> Iterator[tuple]:
-        """Stream the job's state to this page until it ends (also on page load: picks a run up again)."""
-        last_version, announced_run, announced_epochs = None, None, -1
+        """Stream the job's state to this page until it ends (also on page load: picks a run up again).
+
+        Each output is sent only when it changed since the last yield; the rest go as ``gr.update()``
+        (the sample gallery and the loss chart are the big ones)."""
+        sent = _ChangedOnly()
+        announced_run, announced_epochs = None, -1
         while True:
             job = self.jobs.current()
             snapshot = job.snapshot() if job else None
-            version = snapshot.version if snapshot else None
-            if last_version is None or version != last_version:
-                last_version = version if version is not None else -1
-                run_update, results_update = gr.update(), gr.update()
-                if snapshot is not None:
-                    epochs = len(snapshot.epoch_results)
-                    if (
-                        announced_run != snapshot.run_name
-                        or epochs != announced_epochs
-                        or not snapshot.running
-                    ):
-                        choices = self._runs()
-                        if snapshot.run_name not in choices:
-                            choices.insert(0, snapshot.run_name)
-                        run_update = gr.update(choices=choices, value=snapshot.run_name)
-                        results_update = f"{snapshot.run_name}:{epochs}:{snapshot.state}"
-                        announced_run, announced_epochs = snapshot.run_name, epochs
-                yield (
-                    views.status_html(snapshot),
-                    views.chart_html(snapshot),
-                    views.samples_gallery(snapshot),
-                    views.log_text(snapshot),
-                    snapshot.task_id if snapshot and snapshot.running else "",
-                    run_update,
-                    results_update,
-                )
+            run_update, results_update = gr.update(), gr.update()
+            if snapshot is not None:
+                epochs = len(snapshot.epoch_results)
+                if announced_run != snapshot.run_name or epochs != announced_epochs or not snapshot.running:
+                    choices = self._runs()
+                    if snapshot.run_name not in choices:
+                        choices.insert(0, snapshot.run_name)
+                    run_update = gr.update(choices=choices, value=snapshot.run_name)
+                    results_update = f"{snapshot.run_name}:{epochs}:{snapshot.state}"
+                    announced_run, announced_epochs = snapshot.run_name, epochs
+            yield (
+                sent.value("status", views.status_html(snapshot)),
+                sent.value("chart", views.chart_html(snapshot)),
+                sent.value("samples", views.samples_gallery(snapshot)),
+                sent.value("log", views.log_text(snapshot)),
+                sent.value("task_id", snapshot.task_id if snapshot and snapshot.running else ""),
+                run_update,
+                results_update,
+                sent.value("new_cards", _registered_stems(snapshot)),
+            )
             if snapshot is None or not snapshot.running:
                 return
             time.sleep(POLL_SECONDS)
@@ -593,6 +678,24 @@ class _Tab:
         choices = self._runs()
         value = current if current in choices else (choices[0] if choices else None)
         return gr.update(choices=choices, value=value)
+
+    def on_run_chosen(self, run_name: str | None):
+        """The grid fields from the run's own sample settings (its size: a 128 px run is compared at 128)."""
+        unchanged = [gr.update()] * 5
+        if not run_name:
+            return unchanged
+        try:
+            config = self.actions.load_run_config(run_name, TrainingConfig())
+        except (ActionError, *USER_ERRORS) as error:
+            logger.info("no grid defaults from run %s: %s", run_name, error)
+            return unchanged
+        return (
+            config.sample_steps,
+            config.sample_sampler,
+            config.sample_cfg_scale,
+            config.sample_width or config.resolution,
+            config.sample_height or config.resolution,
+        )
 
     @staticmethod
     def _grid_settings(steps, sampler, cfg, width, height) -> GridSettings:
@@ -650,8 +753,34 @@ class _Tab:
         return result.image, _message(where)
 
 
-def _upload_path(upload: Any) -> str:
-    """The server-side path of a gradio 3 upload (a tempfile wrapper, a dict or a path)."""
+class _ChangedOnly:
+    """Remembers what a stream last sent per output; unchanged values go out as ``gr.update()``."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, Any] = {}
+
+    def value(self, key: str, value: Any) -> Any:
+        if key in self._last and self._last[key] == value:
+            return gr.update()
+        self._last[key] = value
+        return value
+
+
+def _registered_stems(snapshot: JobSnapshot | None) -> str:
+    """The run's epochs with Lora cards (a JSON list), for the page's card refresh."""
+    stems: Iterable[str] = (
+        [result.stem for result in snapshot.epoch_results if result.registered] if snapshot else []
+    )
+    return json.dumps(list(stems))
+
+
+def _upload_path(upload: Any, missing: str) -> str:
+    """The server-side path of an upload (a tempfile wrapper, a dict or a path); ``missing`` is the
+    message when there is none; a client-named server path is refused (see ``ui/uploads.py``)."""
+    if upload is None:
+        raise ActionError(missing)
+    if isinstance(upload, RefusedUpload):
+        raise ActionError(upload.message)
     if isinstance(upload, str):
         return upload
     if isinstance(upload, dict):

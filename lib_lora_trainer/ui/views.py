@@ -35,7 +35,10 @@ def status_html(snapshot: JobSnapshot | None) -> str:
     """Progress bar, step, epoch, ETA and last loss of the job (or a hint when there is none)."""
     if snapshot is None:
         return '<div class="lct-status" data-state="idle">No training has run since the WebUI started.</div>'
-    fraction = snapshot.step / snapshot.total_steps if snapshot.total_steps else 0.0
+    if snapshot.phase:  # preparing: the phase's own progress, not the steps'
+        fraction = snapshot.phase_done / snapshot.phase_total if snapshot.phase_total else 0.0
+    else:
+        fraction = snapshot.step / snapshot.total_steps if snapshot.total_steps else 0.0
     loss = f"{snapshot.last_loss:.4f}" if snapshot.last_loss is not None else "–"
     label = STATE_LABELS.get(snapshot.state, snapshot.state)
     facts = [
@@ -52,7 +55,7 @@ def status_html(snapshot: JobSnapshot | None) -> str:
     )
     return (
         f'<div class="lct-status" data-state="{html.escape(snapshot.state)}" data-step="{snapshot.step}" '
-        f'data-total="{snapshot.total_steps}">'
+        f'data-total="{snapshot.total_steps}" data-phase="{html.escape(snapshot.phase)}">'
         f'<div class="lct-state">{html.escape(label)}: {html.escape(snapshot.message)}</div>'
         f'<progress class="lct-progress" max="1" value="{fraction:.4f}"></progress>'
         f'<div class="lct-facts">{cells}</div></div>'

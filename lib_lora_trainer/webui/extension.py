@@ -45,6 +45,10 @@ def on_ui_tabs():
 
 def on_app_started(demo, app) -> None:
     """Say once, in the console, whether typed folders are confined and to which roots."""
+    from lib_lora_trainer.webui.services import FORGE_MESSAGE, is_forge
+
+    if is_forge():
+        logger.warning("Character LoRA trainer: %s", FORGE_MESSAGE)
     policy = services().path_policy()
     if policy.confined:
         roots = ", ".join(str(root) for root in policy.roots)

@@ -25,6 +25,7 @@ from lib_lora_trainer.model.host import (
     frozen_parameters,
 )
 from lib_lora_trainer.model.ldm_parts import gradient_checkpointing
+from lib_lora_trainer.webui.model_guard import model_changes_refused
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class A1111Host:
         with contextlib.ExitStack() as undo:
             undo.callback(_reset_conditioning_cache, processing)
             undo.callback(devices.torch_gc)
+            undo.enter_context(model_changes_refused())  # no reload, unload or swap of the model meanwhile
             clear_merged_loras(model)
             undo.enter_context(_without_hypernetworks(shared))
             undo.enter_context(frozen_parameters(model))

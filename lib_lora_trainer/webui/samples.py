@@ -1,17 +1,29 @@
 """Epoch samples through A1111's own txt2img pipeline (its samplers, its VAE), during training.
 
 The adapters are attached to the live model while the samples render, so ``p.disable_extra_networks``
-keeps the Lora extension from loading anything: the ``<lora:STEM:w>`` tag stays in the prompt and the
-infotext (A1111 strips it before the text encoder), which is how Infinite Image Browser finds the
-epoch. The checkpoint is pinned (a checkpoint chosen in the dropdown meanwhile must not be loaded into
-the model being trained), the prompt cache is reset (it does not know about the text encoder's
-adapters), and the random number generators are put back so sampling does not change the training run.
+keeps the Lora extension from loading anything. The model cannot change underneath: the checkpoint is
+pinned in ``override_settings`` and :func:`~lib_lora_trainer.webui.model_guard.model_changes_refused`
+turns the reloads ``process_images`` asks for into no-ops (a renamed checkpoint, FP8 switched on in the
+settings meanwhile); after each render the checkpoint is checked. The prompt cache is reset (it does not
+know about the text encoder's adapters), and the random number generators are put back so sampling
+does not change the training run.
+
+The infotext. A1111 v1.10.1 builds it from ``p.prompts``, the prompts with extra-network tags already
+removed (``parse_extra_network_prompts``), and puts the full prompts back only when scripts are attached
+(``processing.process_images_inner``, before ``postprocess_batch_list``); the Lora extension adds
+"Lora hashes" only when it activates the tag. Neither happens here, so the infotext is built again with
+A1111's ``create_infotext`` from ``p.all_prompts`` (the prompts as requested, ``<lora:STEM:1>``
+included) and "Lora hashes" is set from the epoch file, exactly as the Lora extension writes it: the
+image's PNG Info, "Send to txt2img" and Infinite Image Browser then reproduce the sample from the epoch
+file, and find the epoch by name.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -20,18 +32,27 @@ import numpy as np
 import torch
 
 from lib_lora_trainer.outputs.samples import RenderedSample, SampleError, SampleRequest, free_path
+from lib_lora_trainer.webui.model_guard import model_changes_refused
 
 logger = logging.getLogger(__name__)
 
+LORA_TAG_NAME = re.compile(r"<lora:([^:>]+)(?::[^>]*)?>")
+LORA_NAME_REMOVED_SYMBOLS = str.maketrans("", "", ":,")  # ExtraNetworkLora.remove_symbols
+SHORTHASH_LENGTH = 12  # network.NetworkOnDisk.set_hash: shorthash = hash[0:12]
 
-def pinned_checkpoint_settings() -> dict[str, str]:
-    """``override_settings`` that keep A1111 on the checkpoint that is loaded now."""
+
+def loaded_checkpoint_title() -> str:
     from modules import shared
 
     info = getattr(shared.sd_model, "sd_checkpoint_info", None)
     if info is None:
         raise SampleError("No checkpoint is loaded.")
-    return {"sd_model_checkpoint": info.title}
+    return info.title
+
+
+def pinned_checkpoint_settings() -> dict[str, str]:
+    """``override_settings`` that keep A1111 on the checkpoint that is loaded now."""
+    return {"sd_model_checkpoint": loaded_checkpoint_title()}
 
 
 def reset_conditioning_cache() -> None:
@@ -58,12 +79,44 @@ def kept_random_state() -> Iterator[None]:
         np.random.set_state(numpy_state)
 
 
+def lora_shorthash(path: Path) -> str:
+    """The short hash A1111's Lora extension shows for a file: its ``sshs_model_hash`` (the sha256 of the
+    tensor bytes, as kohya writes it), first 12 characters; empty when the file has none."""
+    try:
+        with path.open("rb") as stream:
+            header_size = int.from_bytes(stream.read(8), "little")
+            header = json.loads(stream.read(header_size))
+    except (OSError, ValueError) as error:
+        logger.warning("no Lora hash for %s: %s", path.name, error)
+        return ""
+    model_hash = str((header.get("__metadata__") or {}).get("sshs_model_hash", ""))
+    return model_hash[:SHORTHASH_LENGTH]
+
+
+def lora_hashes_text(prompt: str, lora_folder: Path | None) -> str:
+    """``Lora hashes`` for the prompt's ``<lora:...>`` tags whose files are in ``lora_folder``, written as
+    ``ExtraNetworkLora.activate`` writes them ("name: shorthash, ...")."""
+    if lora_folder is None:
+        return ""
+    hashes = {}
+    for name in LORA_TAG_NAME.findall(prompt):
+        shorthash = lora_shorthash(lora_folder / f"{name}.safetensors")
+        if shorthash:
+            hashes[name.translate(LORA_NAME_REMOVED_SYMBOLS)] = shorthash
+    return ", ".join(f"{name}: {shorthash}" for name, shorthash in hashes.items())
+
+
 class A1111SampleRenderer:
-    """:class:`~lib_lora_trainer.outputs.samples.SampleRenderer` over ``modules.processing``."""
+    """:class:`~lib_lora_trainer.outputs.samples.SampleRenderer` over ``modules.processing``.
+
+    ``lora_folder`` is where the epoch files are (for "Lora hashes" in the infotext)."""
+
+    def __init__(self, lora_folder: Path | None = None):
+        self.lora_folder = lora_folder
 
     def render(self, requests: Sequence[SampleRequest], folder: Path, file_stem: str) -> list[RenderedSample]:
         results = []
-        with kept_random_state():
+        with kept_random_state(), model_changes_refused():
             try:
                 for index, request in enumerate(requests):
                     results.append(self._render_one(request, folder, f"{file_stem}-{index:02d}"))
@@ -71,11 +124,12 @@ class A1111SampleRenderer:
                 reset_conditioning_cache()
         return results
 
-    @staticmethod
-    def _render_one(request: SampleRequest, folder: Path, name: str) -> RenderedSample:
+    def _render_one(self, request: SampleRequest, folder: Path, name: str) -> RenderedSample:
         from modules import images, processing, shared
 
         reset_conditioning_cache()
+        pinned = loaded_checkpoint_title()
+        hashes = lora_hashes_text(request.prompt, self.lora_folder)
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=shared.sd_model,
             outpath_samples=str(folder),
@@ -89,15 +143,23 @@ class A1111SampleRenderer:
             height=request.height,
             do_not_save_samples=True,
             do_not_save_grid=True,
-            override_settings=pinned_checkpoint_settings(),
+            override_settings={"sd_model_checkpoint": pinned},
             override_settings_restore_afterwards=True,
+            extra_generation_params={"Lora hashes": hashes} if hashes else {},
         )
         p.disable_extra_networks = True  # render the adapters in memory, load nothing from disk
         with closing(p):
             processed = processing.process_images(p)
-        if not processed.images:
-            raise SampleError(f"txt2img returned no image for {name} (interrupted?)")
-        image, infotext = processed.images[0], processed.infotexts[0]
+            if loaded_checkpoint_title() != pinned:
+                raise SampleError(f"The checkpoint changed while {name} rendered; the sample is not kept.")
+            if not processed.images:
+                raise SampleError(f"txt2img returned no image for {name} (interrupted?)")
+            # the infotext of the prompt as requested, <lora:...> included (see the module's docstring)
+            infotext = processing.create_infotext(
+                p, p.all_prompts, p.all_seeds, p.all_subseeds,
+                index=0, all_negative_prompts=p.all_negative_prompts,
+            )  # fmt: skip
+        image = processed.images[0]
         folder.mkdir(parents=True, exist_ok=True)
         target = free_path(folder, name)
         saved, _ = images.save_image(

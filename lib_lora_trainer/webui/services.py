@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import sys
@@ -48,10 +49,34 @@ class A1111JobFrame:
         state.sampling_steps = 0
         state.textinfo = text
 
+    def begin_phase(self) -> None:
+        # /internal/progress reckons the ETA from state.time_start: each phase (latent caching,
+        # training) gets its own, instead of the preparation's minutes inflating the training ETA
+        from modules import shared
+
+        shared.state.time_start = time.time()
+
     def interrupted(self) -> bool:
         from modules import shared
 
         return bool(shared.state.interrupted or getattr(shared.state, "stopping_generation", False))
+
+
+FORM_MEMORY_NAME = "lora_char_trainer-last-form.json"
+FORGE_MESSAGE = (
+    "This is Stable Diffusion WebUI Forge, whose model backend the trainer cannot train on; use it in "
+    "AUTOMATIC1111 v1.10 (the trainer refuses to start here)."
+)
+
+
+def is_forge() -> bool:
+    """Forge (and reForge) ship the ``modules_forge`` package beside ``modules``; A1111 does not."""
+    if "modules_forge" in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec("modules_forge") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class A1111Services:
@@ -65,6 +90,8 @@ class A1111Services:
 
         from lib_lora_trainer.webui.host import A1111Host
 
+        if is_forge():
+            raise HostRefused(FORGE_MESSAGE)
         if shared.sd_model is None:
             raise HostRefused("No Stable Diffusion checkpoint is loaded; load an SD1.5 checkpoint first.")
         return A1111Host()
@@ -86,9 +113,13 @@ class A1111Services:
 
     # --- folders ----------------------------------------------------------------------------------
     def defaults(self) -> TabDefaults:
+        # When the WebUI is reachable from other machines, the folders that confine paths (and the one
+        # ONNX models are loaded from) are the fixed defaults: any user of the UI, or of
+        # /sdapi/v1/options without --api-auth, can change a setting.
+        folder = settings.default if self._confined() else settings.value
         return TabDefaults(
-            dataset_dir=str(settings.value("lct_datasets_dir")),
-            tagger_models_dir=str(settings.value("lct_tagger_models_dir")),
+            dataset_dir=str(folder("lct_datasets_dir")),
+            tagger_models_dir=str(folder("lct_tagger_models_dir")),
             lora_subfolder=str(settings.value("lct_lora_subfolder")),
             samples_subfolder=str(settings.value("lct_samples_subfolder")),
             allow_tagger_download=bool(settings.value("lct_allow_tagger_download")),
@@ -127,12 +158,24 @@ class A1111Services:
         )
         return Path(os.path.abspath(base))
 
-    def path_policy(self) -> PathPolicy:
-        """Confined when the WebUI listens beyond localhost and insecure extension access is off."""
+    @staticmethod
+    def _confined() -> bool:
+        """A1111 sets ``disable_extension_access`` for --listen, --share and --server-name unless
+        --enable-insecure-extension-access is given."""
         from modules import shared
 
-        confined = bool(getattr(shared.cmd_opts, "disable_extension_access", False))
-        return PathPolicy.create(confined, [self.defaults().dataset_dir, *self.lora_roots()])
+        return bool(getattr(shared.cmd_opts, "disable_extension_access", False))
+
+    def path_policy(self) -> PathPolicy:
+        """Confined when the WebUI listens beyond localhost and insecure extension access is off; the
+        roots are then the WebUI's own datasets folder and the Lora folders of the command line."""
+        return PathPolicy.create(self._confined(), [self.defaults().dataset_dir, *self.lora_roots()])
+
+    def form_memory_path(self) -> Path:
+        """Beside the WebUI's config.json (in --data-dir)."""
+        from modules.paths_internal import data_path
+
+        return Path(data_path) / FORM_MEMORY_NAME
 
     # --- jobs -------------------------------------------------------------------------------------
     def new_task_id(self, kind: str) -> str:
@@ -162,7 +205,9 @@ class A1111Services:
 
     # --- outputs ----------------------------------------------------------------------------------
     def sample_renderer(self) -> A1111SampleRenderer:
-        return A1111SampleRenderer()
+        roots = self.lora_roots()
+        folder = roots[0] / safe_relative_subfolder(self.defaults().lora_subfolder) if roots else None
+        return A1111SampleRenderer(lora_folder=folder)
 
     def notify_lora_added(self, stem: str, path: Path) -> None:
         networks = sys.modules.get("networks")
@@ -170,6 +215,7 @@ class A1111Services:
             logger.info("the built-in Lora extension is not loaded; %s is on disk", stem)
             return
         networks.update_available_networks_by_names([stem])
+        _forget_lora_page_listing()
 
     def connect_send_to_txt2img(self, button: Any, infotext: Any) -> None:
         from modules import infotext_utils
@@ -238,3 +284,17 @@ def _newest_grid(folder: Path, since: float) -> Path | None:
         if mtime >= since - 1 and (newest is None or mtime > newest[0]):
             newest = (mtime, path)
     return newest[1] if newest else None
+
+
+def _forget_lora_page_listing() -> None:
+    """The Lora cards page caches its folder listings (``util.MassFileLister``): forget them, so that the
+    page's single-card route (what the tab's JavaScript asks for the new epoch) sees the new file's preview
+    and card JSON. Only the Lora page: embeddings and checkpoints are left alone."""
+    try:
+        from modules import ui_extra_networks
+    except ImportError:
+        return
+    for page in getattr(ui_extra_networks, "extra_pages", []):
+        lister = getattr(page, "lister", None)
+        if getattr(page, "name", "") == "lora" and lister is not None:
+            lister.reset()

@@ -24,13 +24,14 @@ def options(data_path: str, models_path: str) -> list[Option]:
             "lct_datasets_dir",
             os.path.join(data_path, "datasets"),
             "Datasets folder (the tab starts here; when the WebUI is reachable from other machines, "
-            "training images must be inside it)",
+            "training images must be inside the WebUI's own datasets folder and this setting is not used)",
             is_path=True,
         ),
         Option(
             "lct_tagger_models_dir",
             os.path.join(models_path, "wd14_tagger"),
-            "WD14 tagger model folder (each model is downloaded into it once)",
+            "WD14 tagger model folder (each model is downloaded into it once; when the WebUI is reachable "
+            "from other machines, models/wd14_tagger is used)",
             is_path=True,
         ),
         Option("lct_allow_tagger_download", True, "Download a missing WD14 tagger model from Hugging Face"),
@@ -65,10 +66,16 @@ def register() -> None:
             shared.restricted_opts.add(option.key)
 
 
+def default(key: str) -> Any:
+    """The option's default: fixed by the WebUI's own folders (``--data-dir``, ``--models-dir``), so no
+    browser or API user can change it."""
+    from modules.paths_internal import data_path, models_path
+
+    return {option.key: option.default for option in options(data_path, models_path)}[key]
+
+
 def value(key: str) -> Any:
     """The option's value, or its default before the settings were registered (``--nowebui``)."""
     from modules import shared
-    from modules.paths_internal import data_path, models_path
 
-    defaults = {option.key: option.default for option in options(data_path, models_path)}
-    return shared.opts.data.get(key, defaults[key])
+    return shared.opts.data.get(key, default(key))

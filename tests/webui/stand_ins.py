@@ -1,10 +1,21 @@
 """Stand-ins for the parts of A1111 v1.10.1's ``modules`` the tab's services use, with the behaviour read
 from its source (see /work/a1111/FACTS.md §4-5): ``shared.state`` begin/end/interrupt, the FIFO
 ``call_queue.queue_lock`` (one non-reentrant lock), ``progress``' task bookkeeping, paste-params
-bindings, ``processing``/``images`` for txt2img renders, and the X/Y/Z plot script."""
+bindings, ``processing``/``images`` for txt2img renders, ``sd_models`` reloads and unloads, and the
+X/Y/Z plot script.
+
+``processing.process_images`` follows v1.10.1's order: the checkpoint override (``reload_model_weights``
+when the pinned title is not in ``checkpoint_aliases``, and after setting it), one more
+``reload_model_weights`` per batch, ``p.prompts`` stripped of extra-network tags
+(``parse_extra_network_prompts``), the full prompts put back only when ``p.scripts`` is set, and the
+infotext made by ``create_infotext`` from ``p.prompts``. ``sd_models.reload_model_weights`` reloads
+(records it and changes the model) when the chosen checkpoint is not the loaded one or FP8 storage
+changed; ``unload_model_weights`` calls ``send_model_to_cpu`` by its module name, as A1111 does."""
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 import threading
 import types
@@ -71,6 +82,8 @@ class Recorder:
     saved: list = field(default_factory=list)
     xyz_runs: list = field(default_factory=list)
     cached_c_at_render: list = field(default_factory=list)
+    reloads: list = field(default_factory=list)  # (reason, checkpoint title) of every weights reload
+    moved_to_cpu: list = field(default_factory=list)
     grids_dir: Path | None = None
 
 
@@ -121,9 +134,44 @@ def install(
     shared.state = State()
     shared.sd_model = sd_model or types.SimpleNamespace(
         sd_checkpoint_info=types.SimpleNamespace(
-            title="random-sd15.safetensors [ac6f958213]", sha256="ac6f95" * 10
-        )
+            title="random-sd15.safetensors [ac6f958213]", sha256="ac6f95" * 10, name_for_extra="random-sd15"
+        ),
+        sd_model_hash="ac6f958213",
+        fp8=False,
     )
+    shared.opts.data["sd_model_checkpoint"] = shared.sd_model.sd_checkpoint_info.title
+    shared.opts.data["fp8_storage"] = "Disable"
+
+    devices = module("devices")
+    devices.fp8 = False
+
+    sd_models = module("sd_models")
+    sd_models.checkpoint_aliases = {
+        shared.sd_model.sd_checkpoint_info.title: shared.sd_model.sd_checkpoint_info,
+    }
+
+    def reload_model_weights(sd_model=None, info=None, forced_reload=False):
+        model = sd_model or shared.sd_model
+        wanted = info.title if info is not None else shared.opts.data["sd_model_checkpoint"]
+        fp8_wanted = shared.opts.data["fp8_storage"] != "Disable"
+        if model.fp8 != fp8_wanted:  # check_fp8(sd_model) != devices.fp8: load from the file again
+            recorder.reloads.append(("fp8", wanted))
+            model.fp8 = devices.fp8 = fp8_wanted
+        elif model.sd_checkpoint_info.title != wanted:
+            recorder.reloads.append(("checkpoint", wanted))
+            model.sd_checkpoint_info = types.SimpleNamespace(title=wanted, name_for_extra=wanted)
+        return model
+
+    def send_model_to_cpu(m):
+        recorder.moved_to_cpu.append(m)
+
+    def unload_model_weights(sd_model=None, info=None):
+        sd_models.send_model_to_cpu(sd_model or shared.sd_model)
+        return sd_model
+
+    sd_models.reload_model_weights = reload_model_weights
+    sd_models.send_model_to_cpu = send_model_to_cpu
+    sd_models.unload_model_weights = unload_model_weights
 
     call_queue = module("call_queue")
     call_queue.queue_lock = threading.Lock()  # A1111's FIFOLock wraps one threading.Lock
@@ -165,6 +213,7 @@ def install(
     sd_vae.loaded_vae_file = None
 
     processing = module("processing")
+    re_extra_net = re.compile(r"<(\w+):([^>]+)>")  # modules.extra_networks.re_extra_net
 
     class StableDiffusionProcessing:
         cached_c = [None, None]
@@ -172,24 +221,97 @@ def install(
 
     class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         def __init__(self, **kwargs):
+            self.override_settings = {}
+            self.extra_generation_params = {}
             self.__dict__.update(kwargs)
+            self.extra_generation_params = dict(self.extra_generation_params or {})
             self.disable_extra_networks = False
+            self.scripts = None
+            self.batch_size = 1
             self.closed = False
             recorder.processings.append(self)
 
         def close(self):
             self.closed = True
 
+    def quote(text):  # infotext_utils.quote
+        text = str(text)
+        if "," not in text and "\n" not in text and ":" not in text:
+            return text
+        return json.dumps(text, ensure_ascii=False)
+
+    def create_infotext(
+        p,
+        all_prompts,
+        all_seeds,
+        all_subseeds,
+        comments=None,
+        iteration=0,
+        position_in_batch=0,
+        use_main_prompt=False,
+        index=None,
+        all_negative_prompts=None,
+    ):
+        index = position_in_batch + iteration * p.batch_size if index is None else index
+        negatives = p.all_negative_prompts if all_negative_prompts is None else all_negative_prompts
+        params = {
+            "Steps": p.steps,
+            "Sampler": p.sampler_name,
+            "CFG scale": p.cfg_scale,
+            "Seed": all_seeds[index],
+            "Size": f"{p.width}x{p.height}",
+            "Model hash": p.sd_model_hash,
+            "Model": p.sd_model_name,
+            **p.extra_generation_params,
+        }
+        text = ", ".join(f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
+        negative = f"\nNegative prompt: {negatives[index]}" if negatives[index] else ""
+        return f"{all_prompts[index]}{negative}\n{text}".strip()
+
     def process_images(p):
+        stored = {k: shared.opts.data.get(k) for k in p.override_settings}
+        try:
+            if sd_models.checkpoint_aliases.get(p.override_settings.get("sd_model_checkpoint")) is None:
+                p.override_settings.pop("sd_model_checkpoint", None)
+                sd_models.reload_model_weights()
+            for key, value in p.override_settings.items():
+                shared.opts.data[key] = value
+                if key == "sd_model_checkpoint":
+                    sd_models.reload_model_weights()
+            return process_images_inner(p)
+        finally:
+            if p.override_settings_restore_afterwards:
+                shared.opts.data.update(stored)
+
+    def process_images_inner(p):
+        p.sd_model_name = shared.sd_model.sd_checkpoint_info.name_for_extra
+        p.sd_model_hash = getattr(shared.sd_model, "sd_model_hash", None)
+        p.all_prompts, p.all_negative_prompts = [p.prompt], [p.negative_prompt]
+        p.all_seeds, p.all_subseeds = [p.seed], [p.seed + 1]
+        sd_models.reload_model_weights()  # model can be changed for example by refiner
+        p.prompts, p.negative_prompts, p.seeds = (
+            list(p.all_prompts),
+            list(p.all_negative_prompts),
+            p.all_seeds,
+        )
+        p.prompts = [re_extra_net.sub("", prompt) for prompt in p.prompts]  # parse_extra_network_prompts
+        if not p.disable_extra_networks:
+            names = [m.group(2).split(":")[0] for m in re_extra_net.finditer(p.all_prompts[0])]
+            p.extra_generation_params["Lora hashes"] = ", ".join(f"{n}: {'0' * 12}" for n in names)
         recorder.cached_c_at_render.append(list(StableDiffusionProcessing.cached_c))
         image = Image.new("RGB", (p.width, p.height), (p.seed % 256, 0, 0))
-        infotext = f"{p.prompt}\nSteps: {p.steps}, Seed: {p.seed}, Size: {p.width}x{p.height}"
         StableDiffusionProcessing.cached_c = ["cond of " + p.prompt, 1]  # what a real render leaves behind
+        if p.scripts is not None:
+            p.prompts = p.all_prompts[:1]
+        infotext = create_infotext(
+            p, p.prompts, p.seeds, p.all_subseeds, index=0, all_negative_prompts=p.negative_prompts
+        )
         return Processed([image], [infotext])
 
     processing.StableDiffusionProcessing = StableDiffusionProcessing
     processing.StableDiffusionProcessingTxt2Img = StableDiffusionProcessingTxt2Img
     processing.process_images = process_images
+    processing.create_infotext = create_infotext
 
     images = module("images")
 
@@ -256,6 +378,20 @@ def install(
             name,
             lambda callback, _name=name: script_callbacks.registered.append((_name, callback)),
         )
+
+    ui_extra_networks = module("ui_extra_networks")
+
+    class Lister:  # util.MassFileLister
+        def __init__(self):
+            self.resets = 0
+
+        def reset(self):
+            self.resets += 1
+
+    ui_extra_networks.extra_pages = [
+        types.SimpleNamespace(name=name, lister=Lister())
+        for name in ("textual inversion", "lora", "checkpoints")
+    ]
 
     networks = types.ModuleType("networks")
     networks.announced = []

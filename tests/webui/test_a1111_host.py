@@ -256,3 +256,33 @@ def test_no_model_loaded_is_a_clear_refusal(webui, tmp_path):
     webui.shared.sd_model = None
     with pytest.raises(HostRefused, match="No Stable Diffusion checkpoint"):
         train(host(), tiny_config(tmp_path), source())
+
+
+def test_the_checkpoint_cannot_be_unloaded_or_reloaded_while_training(webui, tmp_path, monkeypatch):
+    from lib_lora_trainer.webui.model_guard import ModelInUse
+
+    moved, reloaded = [], []
+    sd_models = types.ModuleType("modules.sd_models")
+    sd_models.send_model_to_cpu = moved.append
+    sd_models.reload_model_weights = lambda *args, **kwargs: reloaded.append(args)
+
+    def unload_model_weights(sd_model=None, info=None):  # A1111: looks send_model_to_cpu up by name
+        sd_models.send_model_to_cpu(sd_model or webui.shared.sd_model)
+
+    sd_models.unload_model_weights = unload_model_weights
+    monkeypatch.setitem(sys.modules, "modules.sd_models", sd_models)
+    unload_button = sd_models.unload_model_weights  # "Unload SD checkpoint" holds the function itself
+    seen = {}
+
+    class Spy(TrainingCallbacks):
+        def on_start(self, plan):
+            with pytest.raises(ModelInUse, match="being trained") as refused:
+                unload_button()
+            seen["refused"] = str(refused.value)
+            sd_models.reload_model_weights()  # what process_images asks for: a no-op now
+
+    result = train(host(), tiny_config(tmp_path, epochs=1), source(), Spy())
+    assert result.status == "completed" and seen["refused"]
+    assert moved == [] and reloaded == []
+    unload_button()
+    assert moved == [webui.shared.sd_model]

@@ -808,6 +808,8 @@ class _Run:
 
     def _save_state(self) -> Path | None:
         """Save the state of the last finished step; None when it could not be (the previous is kept)."""
+        # the losses of a step not finished (a stop during gradient accumulation) are redone on resume
+        self.pending_losses = [(step, loss) for step, loss in self.pending_losses if step <= self.state.step]
         with contextlib.suppress(NonFiniteLoss):
             self._read_losses()
         if not all(bool(torch.isfinite(p).all()) for p in self.trainable):

@@ -43,6 +43,7 @@ from lib_lora_trainer.ui.form import (
     values_from_config,
 )
 from lib_lora_trainer.ui.jobs import TrainingJobs
+from lib_lora_trainer.ui.resume import ResumeActions, ResumeControls
 from lib_lora_trainer.ui.services import GridSettings, HostServices
 
 logger = logging.getLogger(__name__)
@@ -302,6 +303,8 @@ class _Tab:
                 "Render grid here", interactive=False, elem_id="lct_render_grid"
             )
         self.results_message = gr.HTML(elem_id="lct_results_message")
+        # --- resume (logic in ui/resume.py) ---
+        self.resume_controls = ResumeControls(ResumeActions(self.services, self.jobs))
         self.grid_image = gr.Image(label="Comparison grid", type="pil", interactive=False, elem_id="lct_grid")
 
     # --- events -------------------------------------------------------------------------------------
@@ -383,6 +386,7 @@ class _Tab:
             _js=START_JS,
         ).then(self.watch, None, watch_outputs)
         self.stop_button.click(self.on_stop, None, [self.run_message])
+        self.resume_controls.wire(self.task_id, self.watch, watch_outputs)
         tab.load(self.watch, None, watch_outputs)
         self.task_id.change(None, [self.task_id], None, _js=ATTACH_JS)
 

@@ -460,10 +460,12 @@ class _Run:
         except TrainingOutOfMemory as error:
             message = self._after_out_of_memory(error)
             raise TrainingOutOfMemory(message, weights_intact=error.weights_intact) from None
-        self.states.remove_states()  # a finished run needs no state; its files are the result
-        self.last_state_path = None
         message = f"Trained {self.plan.epochs} epochs, {self.state.step} steps."
-        return self._result("completed", message)
+        result = self._result("completed", message)
+        with contextlib.suppress(OSError):
+            self.states.remove()  # a finished run needs no state; its files are the result
+        result.state_path = None
+        return result
 
     def _finished(self) -> bool:
         return self.state.step >= self.length.total_steps or self.state.epoch > self.length.epochs
@@ -540,7 +542,10 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.pending_losses = [(step, loss) for step, loss in self.pending_losses if step <= self.state.step]
         free_cached_memory(self.device)
-        path = self._save_state() if error.weights_intact else None
+        path = None
+        if error.weights_intact:
+            with contextlib.suppress(NonFiniteLoss):
+                path = self._save_state()
         self._write_status("failed", str(error))
         if path is not None:
             return (
@@ -810,8 +815,7 @@ class _Run:
         """Save the state of the last finished step; None when it could not be (the previous is kept)."""
         # the losses of a step not finished (a stop during gradient accumulation) are redone on resume
         self.pending_losses = [(step, loss) for step, loss in self.pending_losses if step <= self.state.step]
-        with contextlib.suppress(NonFiniteLoss):
-            self._read_losses()
+        self._read_losses()  # a non-finite loss stops the run here: no state after it is "good"
         if not all(bool(torch.isfinite(p).all()) for p in self.trainable):
             log.warning("the adapters hold NaN/inf values; the training state is not saved")
             return None
@@ -890,8 +894,6 @@ class _Run:
         if status != "stopped_nonfinite_loss":
             with contextlib.suppress(NonFiniteLoss):
                 self._read_losses()
-        if status == "completed":
-            self._write_status("completed", message)
         log.info("%s", message)
         saved = self.state.saved
         return TrainingResult(

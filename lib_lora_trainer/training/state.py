@@ -14,6 +14,7 @@ fsync, rename): a kill leaves the previous state, never a partial one under a st
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -103,7 +104,7 @@ class RunFingerprint:
                 if items
             ]
             problems.append("the dataset changed since the state was saved: " + "; ".join(parts))
-        if self.checkpoint != current.checkpoint:
+        if not _same_checkpoint(self.checkpoint, current.checkpoint):
             problems.append(
                 f"the checkpoint changed: the state was trained on {_checkpoint(self.checkpoint)}, "
                 f"the WebUI has {_checkpoint(current.checkpoint)} loaded"
@@ -129,14 +130,27 @@ def _names(items: list[str], shown: int = 3) -> str:
 
 
 def _checkpoint(info: dict[str, str]) -> str:
-    return f"{info.get('name') or 'an unnamed model'} [{info.get('hash') or 'no hash'}]"
+    hash_text = info.get("sha256") or info.get("hash") or "no hash"
+    return f"{info.get('name') or 'an unnamed model'} [{hash_text[:10]}]"
+
+
+def _same_checkpoint(saved: dict[str, str], current: dict[str, str]) -> bool:
+    """Name and VAE equal, and each hash equal where both are known (A1111 computes sha256 lazily)."""
+    if (saved.get("name"), saved.get("vae")) != (current.get("name"), current.get("vae")):
+        return False
+    return all(
+        saved.get(key) == current.get(key)
+        for key in ("hash", "sha256")
+        if saved.get(key) and current.get(key)
+    )
 
 
 def fingerprint_for(config: TrainingConfig, dataset_lines: list[str], base_model: Any) -> RunFingerprint:
     """``base_model`` is the host's :class:`~lib_lora_trainer.model.host.BaseModelInfo`."""
     checkpoint = {
         "name": base_model.name,
-        "hash": base_model.hash_sha256 or base_model.hash_legacy,
+        "hash": base_model.hash_legacy,
+        "sha256": base_model.hash_sha256,
         "vae": base_model.vae_name,
     }
     return RunFingerprint(tuple(dataset_lines), checkpoint, config.to_dict())
@@ -315,9 +329,13 @@ class StateFolder:
             f"no usable training state in {self.folder}" + (f" ({problems[0]})" if problems else "")
         )
 
-    def remove_states(self) -> None:
-        for path in self.state_paths():
+    def remove(self) -> None:
+        """A finished run needs no state: remove its files, the folder, and the parent if empty."""
+        for path in [*self.state_paths(), self.folder / STATUS_FILE_NAME]:
             path.unlink(missing_ok=True)
+        for folder in (self.folder, self.folder.parent):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
 
     # --- status: lets the next start see a run that did not finish ----------------------------------
     def write_status(self, status: str, message: str, **progress: Any) -> None:

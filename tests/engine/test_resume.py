@@ -93,7 +93,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, unin
     with safe_open(str(tmp_path / "Lora" / "alice-000002.safetensors"), "pt") as reader:
         metadata = reader.metadata()
     assert (metadata["ss_steps"], metadata["ss_epoch"]) == ("6", "2")
-    assert not StateFolder(state_folder(tmp_path)).state_paths()  # a finished run keeps no state
+    assert not (tmp_path / "Lora" / STATE_FOLDER_NAME).exists()  # a finished run keeps no state
 
 
 @pytest.mark.slow
@@ -457,3 +457,25 @@ def test_headless_entry_resumes(tmp_path, monkeypatch, capsys):
     assert run_module.main([str(cfg), "--resume", str(tmp_path / "state"), "--allow-mismatch"]) == 0
     assert calls["resume_from"] == str(tmp_path / "state") and calls["allow_mismatch"] is True
     shutil.rmtree(tmp_path / "Lora", ignore_errors=True)
+
+
+def test_a_non_finite_loss_keeps_the_last_good_state(tmp_path):
+    host = tiny_host()
+    calls = []
+
+    class NanFromStep5:
+        def __getattr__(self, name):
+            return getattr(host, name)
+
+        def predict(self, noisy, timesteps, cond):
+            calls.append(1)
+            out = host.predict(noisy, timesteps, cond)
+            return out * float("nan") if len(calls) >= 5 else out
+
+    settings = config(tmp_path, epochs=3, save_state_every_n_steps=2)
+    result = train(NanFromStep5(), settings, source())
+    assert result.status == "stopped_nonfinite_loss"
+    assert "state-step00000004.lctstate" in result.message and "alice-000001.safetensors" in result.message
+    good = load_state(state_folder(tmp_path))
+    assert good.run.step == 4 and len(good.run.losses) == 4
+    assert StateFolder(state_folder(tmp_path)).read_status()["status"] == "stopped_nonfinite_loss"

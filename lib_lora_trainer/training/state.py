@@ -218,6 +218,9 @@ class RunState:
         values = asdict(self)
         values["saved"] = [{**asdict(s), "path": str(s.path)} for s in self.saved]
         values["epoch_mean_losses"] = {str(k): v for k, v in self.epoch_mean_losses.items()}
+        if self.epoch_start_data_rng is not None:  # its 32-bit words as a tensor: no big ints in the pickle
+            version, internal, gauss = self.epoch_start_data_rng
+            values["epoch_start_data_rng"] = [version, torch.tensor(internal, dtype=torch.int64), gauss]
         return values
 
     @classmethod
@@ -227,7 +230,7 @@ class RunState:
         values["epoch_mean_losses"] = {int(k): v for k, v in values["epoch_mean_losses"].items()}
         if values.get("epoch_start_data_rng") is not None:
             version, internal, gauss = values["epoch_start_data_rng"]
-            values["epoch_start_data_rng"] = (version, tuple(internal), gauss)
+            values["epoch_start_data_rng"] = (version, tuple(int(word) for word in internal.tolist()), gauss)
         return cls(**values)
 
     def save(

@@ -10,7 +10,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from lib_lora_trainer.outputs.registry import EpochRegistry
+from lib_lora_trainer.outputs.registry import EpochRegistry, OutputNameError
 from lib_lora_trainer.training.state import STATE_FOLDER_NAME
 from lib_lora_trainer.ui.resume import ResumeActions
 from tests.ui.conftest import tiny_config
@@ -91,3 +91,11 @@ def test_temporary_files_left_by_a_killed_save_are_removed_at_the_next_start(ser
     assert sorted(removed) == sorted(old)
     assert fresh.exists() and users.exists()
     assert not [p for p in folder.rglob("*.safetensors")]  # and none was ever a LoRA name
+
+
+def test_a_step_file_takes_the_run_name_like_an_epoch_file(services):
+    registry = EpochRegistry(services.lora_roots(), services.defaults().lora_subfolder)
+    registry.output_folder.mkdir(parents=True, exist_ok=True)
+    (registry.output_folder / "alice-step00000500.safetensors").write_bytes(b"a step file")
+    with pytest.raises(OutputNameError, match="alice-step00000500"):
+        registry.plan_run("alice")

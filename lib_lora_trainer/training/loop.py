@@ -17,11 +17,9 @@ import math
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import safetensors
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +35,16 @@ from lib_lora_trainer.network.adapters import (
     targets_from_weights,
 )
 from lib_lora_trainer.network.kohya_format import NonFiniteWeights
+from lib_lora_trainer.training.callbacks import (
+    DatasetFacts,
+    EpochSaved,
+    NonFiniteLoss,
+    StepProgress,
+    TrainingCallbacks,
+    TrainingOutOfMemory,
+    TrainingPlan,
+    TrainingResult,
+)
 from lib_lora_trainer.training.device_settings import (
     fp16_grad_scaler,
     safe_cpu_attention,
@@ -49,6 +57,7 @@ from lib_lora_trainer.training.memory import (
     choose_checkpointing,
     estimate_step_bytes,
     free_cached_memory,
+    out_of_memory_advice,
 )
 from lib_lora_trainer.training.optim import (
     ParamGroup,
@@ -60,94 +69,39 @@ from lib_lora_trainer.training.optim import (
 )
 from lib_lora_trainer.training.saving import RunLength, SavePolicy
 from lib_lora_trainer.training.state import (
-    EpochSaved,
     LoadedState,
     ResumeMismatch,
     RunFingerprint,
     RunState,
     StateError,
     StateFolder,
+    StateKeeper,
+    check_resume,
     fingerprint_for,
-    load_state,
+    load_trainables,
+    trainables_of,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EpochSaved", "ResumeMismatch", "StateError"]  # re-exported for the UI
+# re-exported: the UI and the tests import the run's vocabulary from here
+__all__ = [
+    "DatasetFacts",
+    "EpochSaved",
+    "NonFiniteLoss",
+    "ResumeMismatch",
+    "StateError",
+    "StepProgress",
+    "TrainingCallbacks",
+    "TrainingOutOfMemory",
+    "TrainingPlan",
+    "TrainingResult",
+    "train",
+]
 
 # The loss is read back to the CPU after the first step, then once per this many steps (and at every
 # epoch end and state save): reading it every step would make the CPU wait for the GPU each step.
 LOSS_READ_INTERVAL = 10
-
-
-@dataclass(frozen=True)
-class TrainingPlan:
-    batches_per_epoch: int
-    steps_per_epoch: int  # optimizer steps
-    total_steps: int
-    epochs: int
-    adapted_modules: int
-    trainable_parameters: int
-    gradient_checkpointing: CheckpointingChoice = CheckpointingChoice(False, "off")
-    resumed_at_step: int = 0  # > 0 when the run goes on from a saved training state
-
-
-@dataclass(frozen=True)
-class StepProgress:
-    step: int  # optimizer steps done
-    total_steps: int
-    epoch: int  # 1-based
-    epochs: int
-    learning_rates: dict[str, float]
-    new_losses: list[tuple[int, float]]  # (step, loss) pairs read back since the last report
-    elapsed_s: float
-
-
-@dataclass
-class TrainingResult:
-    status: str  # "completed", "interrupted", "stopped_nonfinite_loss" or "stopped_save_failed"
-    message: str
-    epochs: list[EpochSaved] = field(default_factory=list)  # the epoch files that exist
-    losses: list[float] = field(default_factory=list)  # per optimizer-step micro-batch loss, in order
-    plan: TrainingPlan | None = None
-    step_files: list[EpochSaved] = field(default_factory=list)
-    state_path: Path | None = None  # the newest training state, for Resume (None once completed)
-
-
-class TrainingCallbacks:
-    """Hooks the UI (or a test) uses to follow and steer a run. Every method is optional."""
-
-    def on_phase(self, phase: str, done: int, total: int) -> None:
-        """Preparation progress: "caching latents", "attaching adapters", "caching captions",
-        "memory probe", then "training"."""
-
-    def on_start(self, plan: TrainingPlan) -> None: ...
-
-    def on_step(self, progress: StepProgress) -> None: ...
-
-    def on_epoch_saved(self, saved: EpochSaved) -> None:
-        """An epoch file, or a step file (``saved.kind == "step"``), was written."""
-
-    def on_file_removed(self, saved: EpochSaved) -> None:
-        """A file this run wrote was removed (save_last_n_epochs / save_last_n_steps)."""
-
-    def on_notice(self, message: str) -> None:
-        """Something the user should know that changes how the run goes on (it goes on)."""
-
-    def should_stop(self) -> bool:
-        return False
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class TrainingOutOfMemory(RuntimeError):
-    """A step did not fit in memory, with every automatic remedy tried; the message says what to change."""
-
-    def __init__(self, message: str, *, weights_intact: bool = True):
-        super().__init__(message)
-        self.weights_intact = weights_intact  # False: the optimizer step failed half-way
 
 
 class _StoppedWhilePreparing(Exception):
@@ -156,18 +110,6 @@ class _StoppedWhilePreparing(Exception):
 
 class _SaveFailed(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class DatasetFacts:
-    """What the dataset layer knows that goes into the file's ss_* metadata."""
-
-    dataset_dirs: dict[str, dict[str, int]] = field(
-        default_factory=dict
-    )  # {"10_alice": {"n_repeats": 10, ...}}
-    reg_dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
-    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)  # {"10_alice": {"tag": count}}
-    bucket_info: dict[str, Any] | None = None
 
 
 def train(
@@ -196,8 +138,13 @@ def train(
     output_dir = Path(config.output_dir or ".")
     length = RunLength.of(config, source.batches_per_epoch())
     fingerprint = fingerprint_for(config, source.fingerprint(), host.base_model_info())
-    resumed = _checked_resume(resume_from, fingerprint, allow_mismatch, callbacks) if resume_from else None
-    own_files = _refuse_existing_outputs(output_dir, SavePolicy(config, length), resumed)
+    resumed, differences = (
+        check_resume(resume_from, fingerprint, allow_mismatch) if resume_from else (None, [])
+    )
+    for difference in differences:
+        log.warning("resuming although %s", difference)
+        callbacks.on_notice(f"Resuming although {difference}.")
+    own_files = SavePolicy(config, length).refuse_existing(output_dir, resumed)
     initial_weights = _load_initial_weights(config)
 
     torch.manual_seed(config.seed)
@@ -238,25 +185,6 @@ def train(
             return run.execute()
 
 
-def _checked_resume(
-    resume_from: str | Path, current: RunFingerprint, allow_mismatch: bool, callbacks: TrainingCallbacks
-) -> LoadedState:
-    loaded = load_state(resume_from)
-    differences = loaded.fingerprint.differences(current)
-    if differences and not allow_mismatch:
-        raise ResumeMismatch(
-            [
-                f"{difference}; resume anyway to go on with it, or start a new run"
-                for difference in differences
-            ]
-        )
-    for difference in differences:
-        notice = f"Resuming although {difference}."
-        log.warning("%s", notice)
-        callbacks.on_notice(notice)
-    return loaded
-
-
 def _cache_latents(host: TrainingHost, config: TrainingConfig, source: BatchSource, callbacks) -> None:
     """Encode the dataset once (phase "caching latents"); Stop is honoured after each image."""
     total = source.batches_per_epoch()
@@ -276,49 +204,6 @@ def _cache_latents(host: TrainingHost, config: TrainingConfig, source: BatchSour
     if failed:  # outside the except block, so what the VAE held is released first
         free_cached_memory(host.device)
         raise TrainingOutOfMemory(out_of_memory_advice(host.device, config, "while caching latents", False))
-
-
-def out_of_memory_advice(
-    device: torch.device, config: TrainingConfig, during: str, checkpointing: bool
-) -> str:
-    where = "GPU" if device.type == "cuda" else device.type.upper()
-    return (
-        f"Out of {where} memory {during} (batch size {config.batch_size}, {config.resolution} px, "
-        f"gradient checkpointing {'on' if checkpointing else 'off'}). Lower the batch size or the "
-        "resolution, use a lower rank, keep the text encoder frozen, or close other programs that use "
-        f"the {where}. Epoch files saved so far are kept."
-    )
-
-
-def _refuse_existing_outputs(output_dir: Path, policy: SavePolicy, resumed: LoadedState | None) -> set[str]:
-    """Refuse a run that would overwrite a file; returns the names a resumed run may write again
-    (its own files, written after its state was saved: the same session id)."""
-    from_step, from_epoch = (resumed.run.step, resumed.run.epoch) if resumed else (0, 1)
-    own, clashes = set(), []
-    for name in policy.planned_file_names(from_step, from_epoch):
-        path = output_dir / name
-        if not path.exists():
-            continue
-        if resumed is not None and _session_of(path) == str(resumed.run.session_id):
-            own.add(name)
-        else:
-            clashes.append(path)
-    if clashes:
-        raise ConfigError(
-            [
-                f"{clashes[0].name} already exists in {output_dir}; "
-                "choose another output name (nothing is overwritten)"
-            ]
-        )
-    return own
-
-
-def _session_of(path: Path) -> str:
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as reader:
-            return (reader.metadata() or {}).get("ss_session_id", "")
-    except Exception:  # not ours, or unreadable: never overwritten
-        return ""
 
 
 def _trains_text_encoder(config: TrainingConfig) -> bool:
@@ -382,7 +267,6 @@ class _Run:
         self.adapters, self.callbacks, self.files = adapters, callbacks, files
         self.length, self.dataset_facts = length, dataset_facts
         self.policy = SavePolicy(config, length)
-        self.states = StateFolder.for_run(files.output_dir, config.output_name, config.save_last_n_states)
         self.state = resumed.run if resumed else RunState.new(config.seed, uuid.uuid4().int % 2**31)
         self.device = host.device
         self.alphas_cumprod = host.alphas_cumprod().float()
@@ -417,8 +301,16 @@ class _Run:
         if resumed is not None:
             self._load_trainables(resumed)
         self.started_at = time.time()
-        self.last_state_at = time.monotonic()
-        self.last_state_path: Path | None = resumed.path if resumed else None
+        folder = StateFolder.for_run(files.output_dir, config.output_name, config.save_last_n_states)
+        self.states = StateKeeper(
+            folder,
+            config,
+            files.fingerprint,
+            length.total_steps,
+            length.epochs,
+            callbacks.on_notice,
+            resumed.path if resumed else None,
+        )
         self.pending_losses: list[tuple[int, torch.Tensor]] = []
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -463,7 +355,7 @@ class _Run:
         message = f"Trained {self.plan.epochs} epochs, {self.state.step} steps."
         result = self._result("completed", message)
         with contextlib.suppress(OSError):
-            self.states.remove()  # a finished run needs no state; its files are the result
+            self.states.folder.remove()  # a finished run needs no state; its files are the result
         result.state_path = None
         return result
 
@@ -709,9 +601,9 @@ class _Run:
         epochs = [s for s in self.state.saved if s.kind == "epoch"]
         last = epochs[-1].path.name if epochs else "none yet"
         state = (
-            f" The last good training state is {self.last_state_path.name} "
+            f" The last good training state is {self.states.last_path.name} "
             "(Resume it with a lower learning rate)."
-            if self.last_state_path is not None
+            if self.states.last_path is not None
             else ""
         )
         precision = " and save in bf16/fp32" if isinstance(error, NonFiniteWeights) else ""
@@ -808,7 +700,7 @@ class _Run:
 
     # --- the training state -------------------------------------------------------------------------
     def _save_state_if_due(self) -> None:
-        if self.policy.state_due(self.state.step, time.monotonic() - self.last_state_at):
+        if self.policy.state_due(self.state.step, time.monotonic() - self.states.last_saved_at):
             self._save_state()
 
     def _save_state(self) -> Path | None:
@@ -819,69 +711,17 @@ class _Run:
         if not all(bool(torch.isfinite(p).all()) for p in self.trainable):
             log.warning("the adapters hold NaN/inf values; the training state is not saved")
             return None
-        try:
-            path = self.state.save(
-                self.states, self._trainables(), self.config, self.files.fingerprint, self.plan.total_steps
-            )
-        except OSError as error:
-            notice = (
-                f"The training state of step {self.state.step} could not be saved "
-                f"({error.strerror or error}); the previous one is kept."
-            )
-            log.warning("%s", notice)
-            self.callbacks.on_notice(notice)
-            return None
-        self.last_state_at, self.last_state_path = time.monotonic(), path
-        self._write_status("training", f"state of step {self.state.step} saved")
-        log.info("training state of step %d saved to %s", self.state.step, path)
-        return path
-
-    def _trainables(self) -> dict[str, Any]:
-        adapters = {
-            f"{component}|{name}": {"down": weights.down, "up": weights.up, "alpha": weights.alpha}
-            for (component, name), weights in self.adapters.export().items()
-        }
-        return {
-            "adapters": adapters,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-        }
+        trainables = trainables_of(self.adapters, self.optimizer, self.scheduler, self.scaler)
+        return self.states.save(self.state, trainables)
 
     def _load_trainables(self, resumed: LoadedState) -> None:
-        saved = resumed.trainables
-        try:
-            weights = {
-                tuple(key.split("|", 1)): kohya_format.LoraModuleWeights(**module)
-                for key, module in saved["adapters"].items()
-            }
-            self.adapters.load(weights)  # type: ignore[arg-type]
-            self.optimizer.load_state_dict(saved["optimizer"])
-            self.scheduler.load_state_dict(saved["scheduler"])
-            if self.scaler is not None and saved["scaler"]:
-                self.scaler.load_state_dict(saved["scaler"])
-        except (ValueError, KeyError, RuntimeError) as error:
-            raise StateError(
-                f"the training state {resumed.path.name} does not fit these settings ({error}); "
-                "start a new run instead"
-            ) from error
+        load_trainables(resumed, self.adapters, self.optimizer, self.scheduler, self.scaler)
         notice = f"Resuming at step {self.state.step} of {self.plan.total_steps} (epoch {self.state.epoch})."
         log.info("%s", notice)
         self.callbacks.on_notice(notice)
 
     def _write_status(self, status: str, message: str) -> None:
-        try:
-            self.states.write_status(
-                status,
-                message,
-                run_name=self.config.output_name,
-                step=self.state.step,
-                total_steps=self.plan.total_steps,
-                epoch=self.state.epoch,
-                epochs=self.plan.epochs,
-            )
-        except OSError as error:
-            log.warning("could not write the run's status in %s: %s", self.states.folder, error)
+        self.states.status(status, message, self.state)
 
     def _stopped(self, what: str) -> TrainingResult:
         path = self._save_state()
@@ -903,5 +743,5 @@ class _Run:
             list(self.state.losses),
             self.plan,
             [s for s in saved if s.kind == "step"],
-            self.last_state_path,
+            self.states.last_path,
         )

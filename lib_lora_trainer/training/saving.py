@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
-from lib_lora_trainer.config import TrainingConfig
+import safetensors
+
+from lib_lora_trainer.config import ConfigError, TrainingConfig
 from lib_lora_trainer.network import kohya_format
-from lib_lora_trainer.training.state import EpochSaved
+from lib_lora_trainer.training.state import EpochSaved, LoadedState
 
 AUTO_STATE_INTERVAL_S = 300.0
 
@@ -67,6 +70,28 @@ class SavePolicy:
             ]
         return names
 
+    def refuse_existing(self, output_dir: Path, resumed: LoadedState | None) -> set[str]:
+        """Refuse a run that would overwrite a file; returns the names a resumed run may write again
+        (its own files, written after its state was saved: the same session id)."""
+        from_step, from_epoch = (resumed.run.step, resumed.run.epoch) if resumed else (0, 1)
+        own, clashes = set(), []
+        for name in self.planned_file_names(from_step, from_epoch):
+            path = output_dir / name
+            if not path.exists():
+                continue
+            if resumed is not None and _session_of(path) == str(resumed.run.session_id):
+                own.add(name)
+            else:
+                clashes.append(path)
+        if clashes:
+            raise ConfigError(
+                [
+                    f"{clashes[0].name} already exists in {output_dir}; "
+                    "choose another output name (nothing is overwritten)"
+                ]
+            )
+        return own
+
     def to_remove(self, saved: list[EpochSaved]) -> list[EpochSaved]:
         """The files of ``saved`` (this run's, newest last) that the save_last_n_* settings drop."""
         removed = []
@@ -86,3 +111,11 @@ class SavePolicy:
         if every > 0:
             return step % every == 0
         return seconds_since_last_state >= AUTO_STATE_INTERVAL_S
+
+
+def _session_of(path: Path) -> str:
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as reader:
+            return (reader.metadata() or {}).get("ss_session_id", "")
+    except Exception:  # not ours, or unreadable: never overwritten
+        return ""

@@ -358,3 +358,100 @@ class StateFolder:
         except (OSError, ValueError):
             return {}
         return record if isinstance(record, dict) else {}
+
+
+def check_resume(
+    resume_from: str | Path, current: RunFingerprint, allow_mismatch: bool
+) -> tuple[LoadedState, list[str]]:
+    """The state to go on from, and what differs from it (refused unless ``allow_mismatch``)."""
+    loaded = load_state(resume_from)
+    differences = loaded.fingerprint.differences(current)
+    if differences and not allow_mismatch:
+        raise ResumeMismatch(
+            [f"{d}; resume anyway to go on with it, or start a new run" for d in differences]
+        )
+    return loaded, differences
+
+
+def trainables_of(adapters: Any, optimizer: Any, scheduler: Any, scaler: Any) -> dict[str, Any]:
+    """What the state file keeps of the optimisation: adapter weights and every state dict."""
+    weights = {
+        f"{component}|{name}": {"down": module.down, "up": module.up, "alpha": module.alpha}
+        for (component, name), module in adapters.export().items()
+    }
+    return {
+        "adapters": weights,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+    }
+
+
+def load_trainables(loaded: LoadedState, adapters: Any, optimizer: Any, scheduler: Any, scaler: Any) -> None:
+    from lib_lora_trainer.network.kohya_format import LoraModuleWeights
+
+    saved = loaded.trainables
+    try:
+        weights = {
+            tuple(key.split("|", 1)): LoraModuleWeights(**module) for key, module in saved["adapters"].items()
+        }
+        adapters.load(weights)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None and saved["scaler"]:
+            scaler.load_state_dict(saved["scaler"])
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise StateError(
+            f"the training state {loaded.path.name} does not fit these settings ({error}); "
+            "start a new run instead"
+        ) from error
+
+
+class StateKeeper:
+    """A run's state folder as the loop uses it: saving a state never fails the run (the previous one
+    is kept and the user told), and the status the next start reads."""
+
+    def __init__(
+        self,
+        folder: StateFolder,
+        config: TrainingConfig,
+        fingerprint: RunFingerprint,
+        total_steps: int,
+        epochs: int,
+        on_notice: Any,
+        last_path: Path | None = None,
+    ):
+        self.folder, self.config, self.fingerprint = folder, config, fingerprint
+        self.total_steps, self.epochs, self.on_notice = total_steps, epochs, on_notice
+        self.last_path = last_path
+        self.last_saved_at = time.monotonic()
+
+    def save(self, state: RunState, trainables: dict[str, Any]) -> Path | None:
+        try:
+            path = state.save(self.folder, trainables, self.config, self.fingerprint, self.total_steps)
+        except OSError as error:
+            notice = (
+                f"The training state of step {state.step} could not be saved "
+                f"({error.strerror or error}); the previous one is kept."
+            )
+            log.warning("%s", notice)
+            self.on_notice(notice)
+            return None
+        self.last_saved_at, self.last_path = time.monotonic(), path
+        self.status("training", f"state of step {state.step} saved", state)
+        log.info("training state of step %d saved to %s", state.step, path)
+        return path
+
+    def status(self, status: str, message: str, state: RunState) -> None:
+        try:
+            self.folder.write_status(
+                status,
+                message,
+                run_name=self.config.output_name,
+                step=state.step,
+                total_steps=self.total_steps,
+                epoch=state.epoch,
+                epochs=self.epochs,
+            )
+        except OSError as error:
+            log.warning("could not write the run's status in %s: %s", self.folder.folder, error)

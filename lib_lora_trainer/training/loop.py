@@ -145,6 +145,14 @@ def train(
         log.warning("resuming although %s", difference)
         callbacks.on_notice(f"Resuming although {difference}.")
     own_files = SavePolicy(config, length).refuse_existing(output_dir, resumed)
+    unfinished = StateFolder.for_run(output_dir, config.output_name).state_paths()
+    if resumed is None and unfinished:
+        raise ConfigError(
+            [
+                f"an unfinished run named {config.output_name!r} has a training state in "
+                f"{unfinished[-1].parent}; resume it, or choose another output name"
+            ]
+        )
     initial_weights = _load_initial_weights(config)
 
     torch.manual_seed(config.seed)

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lib_lora_trainer.config import ConfigError
 from lib_lora_trainer.dataset.base import InMemoryBatchSource
 from lib_lora_trainer.network import kohya_format
 from lib_lora_trainer.training import state as state_module
@@ -479,3 +480,10 @@ def test_a_non_finite_loss_keeps_the_last_good_state(tmp_path):
     good = load_state(state_folder(tmp_path))
     assert good.run.step == 4 and len(good.run.losses) == 4
     assert StateFolder(state_folder(tmp_path)).read_status()["status"] == "stopped_nonfinite_loss"
+
+
+def test_a_new_run_never_mixes_with_an_unfinished_one_of_the_same_name(tmp_path):
+    first = train(tiny_host(), config(tmp_path, epochs=1), source(), StopAtBatch(2))
+    assert first.status == "interrupted"
+    with pytest.raises(ConfigError, match="unfinished run named 'alice'.*resume it"):
+        train(tiny_host(), config(tmp_path, epochs=1, save_every_n_epochs=1), source())

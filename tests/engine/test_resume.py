@@ -39,7 +39,8 @@ def config(folder: Path, **overrides):
 
 
 class StopAtBatch(TrainingCallbacks):
-    """Asks to stop before the ``batches``-th batch (counted from 1 over the whole run)."""
+    """Says stop the ``batches``-th time it is asked once training began (asked before each batch
+    and after each epoch)."""
 
     def __init__(self, batches: int):
         self.batches, self.asked, self.training = batches, 0, False
@@ -79,13 +80,19 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_before_batch", [2, 4, 6], ids=["mid-epoch", "epoch-boundary", "last-epoch"])
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, uninterrupted, stop_before_batch):
+@pytest.mark.parametrize(
+    "stop_at_ask, stopped_at_step",
+    [(2, 1), (4, 3), (6, 4)],  # Stop is asked before each batch and after each epoch (ask 4)
+    ids=["mid-epoch", "epoch-boundary", "last-epoch"],
+)
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(
+    tmp_path, uninterrupted, stop_at_ask, stopped_at_step
+):
     reference, whole = uninterrupted
-    first = train(tiny_host(), config(tmp_path), source(), StopAtBatch(stop_before_batch))
+    first = train(tiny_host(), config(tmp_path), source(), StopAtBatch(stop_at_ask))
     assert first.status == "interrupted"
     assert first.state_path is not None and first.state_path.suffix == ".lctstate"
-    assert load_state(first.state_path).run.step == stop_before_batch - 1
+    assert load_state(first.state_path).run.step == stopped_at_step
     resumed = train(tiny_host(), config(tmp_path), source(), resume_from=state_folder(tmp_path))
     assert resumed.status == "completed", resumed.message
     assert resumed.losses == whole.losses

@@ -118,6 +118,14 @@ class TrainingConfig:
     gradient_checkpointing: str = "auto"  # "auto": on only when memory needs it; "on"; "off"
     seed: int = 1234
 
+    # --- resume and saving by steps ---------------------------------------------------------------
+    max_train_steps: int = 0  # > 0: the run's length in optimizer steps (the epochs setting is then ignored)
+    save_every_n_steps: int = 0  # > 0: also save NAME-step00000500.safetensors every N steps
+    save_last_n_epochs: int = 0  # > 0: keep only the last N epoch files this run wrote
+    save_last_n_steps: int = 0  # > 0: keep only the step files of the last N steps this run wrote
+    save_state_every_n_steps: int = 0  # training state for Resume; 0 = about every 5 minutes of work
+    save_last_n_states: int = 2  # training states kept (the newest ones)
+
     # --- samples --------------------------------------------------------------------------------
     sample_every_n_epochs: int = 1
     sample_prompts: list[str] = field(default_factory=list)
@@ -348,6 +356,11 @@ def validate(config: TrainingConfig, *, need_dataset: bool = True) -> list[str]:
     for side in ("sample_width", "sample_height"):
         value = getattr(config, side)
         check(value == 0 or (value >= 64 and value % 8 == 0), f"{side} must be 0 or a multiple of 8")
+    # --- resume and saving by steps ---
+    for name in ("max_train_steps", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps"):
+        check(getattr(config, name) >= 0, f"{name} must not be negative (0 = off)")
+    check(config.save_state_every_n_steps >= 0, "save state every N steps must not be negative (0 = auto)")
+    check(config.save_last_n_states >= 1, "keep at least 1 training state (save_last_n_states)")
     return problems
 
 

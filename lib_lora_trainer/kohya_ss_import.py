@@ -103,15 +103,7 @@ _AT_LEAST_ONE = ("clip_skip", "gradient_accumulation_steps", "batch_size")
 
 _UNSUPPORTED_REASONS: dict[str, str] = {
     "sample_every_n_steps": "samples are made every N epochs here (sample_every_n_epochs)",
-    "save_every_n_steps": "epochs are saved every N epochs here (save_every_n_epochs)",
-    **dict.fromkeys(
-        ("save_last_n_epochs", "save_last_n_steps", "save_last_n_epochs_state", "save_last_n_steps_state"),
-        "every saved epoch is kept so that all of them can be compared",
-    ),
-    **dict.fromkeys(
-        ("save_state", "save_state_on_train_end", "resume"),
-        "training state is not saved; continue from a LoRA file with network_weights instead",
-    ),
+    "resume": "a kohya state folder cannot be read; resume a run of this trainer from its Results section",
     "stop_text_encoder_training": "the text encoder trains for the whole run (kohya_ss ignores it as well)",
     "random_crop": "images are cropped once, when the dataset is prepared",
     "caption_dropout_every_n_epochs": "only caption_dropout_rate is supported",
@@ -703,12 +695,7 @@ class _Importer:
             self.set("epochs", max_epochs, "max_train_epochs (overrides epoch)")
         elif epochs:
             self.set("epochs", epochs, "epoch")
-        if max_steps:
-            self.unsupported(
-                "max_train_steps",
-                max_steps,
-                "training length is set in epochs here (steps per epoch = images x repeats / batch size)",
-            )
+        self.steps_and_states(max_steps, max_epochs)
         save_every = self.convert("save_every_n_epochs", "int")
         if save_every is not None:
             if save_every >= 1:
@@ -723,6 +710,29 @@ class _Importer:
             self.result.notes.append(
                 f"seed 0 means a random seed in kohya_ss; the fixed seed {self.values['seed']} is kept"
             )
+
+    # --- resume and saving by steps ---
+    def steps_and_states(self, max_steps: int | None, max_epochs: int | None) -> None:
+        if max_steps and max_steps > 0:
+            if max_epochs:
+                self.ignore("max_train_steps", max_steps, "max_train_epochs overrides it, as in sd-scripts")
+            else:
+                self.set("max_train_steps", max_steps, "max_train_steps")
+        for key in ("save_every_n_steps", "save_last_n_epochs", "save_last_n_steps"):
+            value = self.convert(key, "int")
+            if value is not None and value > 0:
+                self.set(key, value, key)
+            elif value is not None:
+                self.ignore(key, value, "off")
+        for key in (
+            "save_state",
+            "save_state_on_train_end",
+            "save_last_n_epochs_state",
+            "save_last_n_steps_state",
+        ):
+            if key in self.data:
+                reason = "the training state is always saved here (every few minutes, on Stop and on failure)"
+                self.ignore(key, self.take(key), reason)
 
     def resolution(self) -> None:
         value = self.take("max_resolution")

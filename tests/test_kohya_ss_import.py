@@ -241,7 +241,6 @@ def test_unsupported_network_optimizer_and_model_family_are_reported_not_applied
             "optimizer": "Lion",
             "lr_scheduler": "rex",
             "sdxl": True,
-            "max_train_steps": 1600,
             "network_dropout": 0.1,
             "block_dims": "4,4,4",
             "some_future_option": "on",
@@ -259,13 +258,11 @@ def test_unsupported_network_optimizer_and_model_family_are_reported_not_applied
         "optimizer",
         "lr_scheduler",
         "sdxl",
-        "max_train_steps",
         "network_dropout",
         "block_dims",
         "some_future_option",
     }
     assert "SD1.5" in reasons["sdxl"]
-    assert "epochs" in reasons["max_train_steps"]
 
 
 def test_unreadable_values_keep_the_previous_value_and_are_reported() -> None:
@@ -409,3 +406,21 @@ def test_values_applied_but_refused_by_our_checks_are_not_called_kept() -> None:
     summary = result.summary()
     assert "Applied, but must be changed before training:\n- resolution 500 must be" in summary
     assert "Could not be read" not in summary
+def test_length_in_steps_and_saving_by_steps_are_mapped() -> None:
+    result = import_kohya_ss_config(
+        {
+            "max_train_steps": 1600,
+            "save_every_n_steps": 500,
+            "save_last_n_epochs": 3,
+            "save_last_n_steps": 1000,
+            "save_state": True,
+        },
+        TrainingConfig(),
+    )
+    config = result.config
+    assert (config.max_train_steps, config.save_every_n_steps) == (1600, 500)
+    assert (config.save_last_n_epochs, config.save_last_n_steps) == (3, 1000)
+    assert not result.unsupported and not result.problems
+    assert "always saved" in {item.key: item.reason for item in result.ignored}["save_state"]
+    overridden = import_kohya_ss_config({"max_train_steps": 1600, "max_train_epochs": 4}, TrainingConfig())
+    assert (overridden.config.max_train_steps, overridden.config.epochs) == (0, 4)

@@ -7,6 +7,7 @@ a plain list of images too (:class:`InMemoryBatchSource`).
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,13 @@ class TrainingBatch:
 class BatchSource(Protocol):
     """A dataset ready for training. ``prepare`` encodes (or loads cached) latents once."""
 
-    def prepare(self, encode: Callable[[torch.Tensor], torch.Tensor]) -> None: ...
+    def prepare(
+        self,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """``progress(done, total)`` is called after each image."""
+        ...
 
     def batches_per_epoch(self) -> int: ...
 
@@ -40,6 +47,21 @@ class BatchSource(Protocol):
     def captions_vary(self) -> bool:
         """True when captions change between steps (shuffle, dropout), so conditioning can't be cached."""
         ...
+
+    def fingerprint(self) -> list[str]:
+        """One line per image, ``"<name>|<what identifies its content and caption>"``: a resumed run
+        checks with it that the dataset is still the one its state was trained on."""
+        ...
+
+
+def check_finite_latents(latents: torch.Tensor, image_name: str) -> torch.Tensor:
+    """``latents``, or a ValueError when the VAE gave NaN/inf (a half-precision VAE overflow)."""
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError(
+            f"the VAE turned {image_name} into NaN or infinite latents (usually a half-precision VAE "
+            "overflow: start the WebUI with --no-half-vae, or choose another VAE); nothing was cached"
+        )
+    return latents
 
 
 def pil_to_pixels(image: Image.Image) -> torch.Tensor:
@@ -85,11 +107,18 @@ class InMemoryBatchSource:
         self._loss_weight = loss_weight
         self._latents: list[torch.Tensor] = []
 
-    def prepare(self, encode: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def prepare(
+        self,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
         self._latents = []
-        for image, _ in self._items:
+        for index, (image, _) in enumerate(self._items):
             pixels = pil_to_pixels(center_crop_resize(image, self._resolution, self._resolution))
-            self._latents.append(encode(pixels[None])[0].float().cpu())
+            latent = encode(pixels[None])[0].float().cpu()
+            self._latents.append(check_finite_latents(latent, f"image {index + 1}"))
+            if progress is not None:
+                progress(index + 1, len(self._items))
 
     def batches_per_epoch(self) -> int:
         return -(-len(self._items) * self._repeats // self._batch_size)
@@ -112,3 +141,10 @@ class InMemoryBatchSource:
 
     def captions_vary(self) -> bool:
         return False
+
+    def fingerprint(self) -> list[str]:
+        lines = []
+        for index, (image, caption) in enumerate(self._items):
+            digest = hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()[:16]
+            lines.append(f"image {index + 1}|{image.size}|{digest}|{self._repeats}|{caption}")
+        return lines

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from lib_lora_trainer.config import TrainingConfig, validate_for_dataset
-from lib_lora_trainer.dataset.base import TrainingBatch
+from lib_lora_trainer.dataset.base import TrainingBatch, check_finite_latents
 from lib_lora_trainer.dataset.caption_processing import CaptionAugmentation, augment_caption
 from lib_lora_trainer.dataset.crop import FaceFinder, crop_to_bucket, face_finder_for
 from lib_lora_trainer.dataset.images import DEFAULT_BACKGROUND, ImageLoadError, load_image
@@ -121,6 +121,18 @@ class BucketedBatchSource:
     def captions_vary(self) -> bool:
         return self.settings.captions.varies
 
+    def fingerprint(self) -> list[str]:
+        lines = []
+        for planned in self.plan.images:
+            path = planned.record.path
+            try:
+                stat = path.stat()
+                identity = f"{stat.st_size}|{stat.st_mtime_ns}"
+            except OSError:
+                identity = "missing"
+            lines.append(f"{path}|{identity}|{planned.repeats}|{planned.loss_weight}|{planned.caption}")
+        return lines
+
     # --- internals ----------------------------------------------------------------------------------
     def _epoch_batches(self, rng: random.Random) -> list[list[int]]:
         """Sample indices grouped into single-bucket batches, in a shuffled order."""
@@ -189,13 +201,17 @@ class BucketedBatchSource:
         if self.disk_cache is not None:
             key = self.disk_cache.key(content_hash(data), planned.choice.bucket, self._crop_signature())
             cached = self.disk_cache.load(key, need_flipped=need_flipped)
-            if cached is not None:
+            if cached is not None and all(bool(torch.isfinite(t).all()) for t in cached.values()):
                 self.cache_hits += 1
                 return cached[LATENT_KEY].float(), cached[FLIPPED_KEY].float() if need_flipped else None
         pixels = _to_model_pixels(np.asarray(self._cropped(planned, data)))
         batch = torch.stack([pixels, pixels.flip(-1)]) if need_flipped else pixels[None]
         with torch.no_grad():
             encoded = encode(batch).float().cpu()
+        try:
+            check_finite_latents(encoded, planned.record.path.name)
+        except ValueError as error:
+            raise DatasetError([str(error)]) from None
         latent, flipped = encoded[0].clone(), (encoded[1].clone() if need_flipped else None)
         if key is not None and self.disk_cache is not None:
             tensors = {LATENT_KEY: latent}

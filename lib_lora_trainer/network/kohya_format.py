@@ -109,6 +109,20 @@ def epoch_file_name(output_name: str, epoch: int) -> str:
     return f"{output_name}-{epoch:06d}.safetensors"
 
 
+def step_file_name(output_name: str, step: int) -> str:
+    """``name-step00000500.safetensors``: sd-scripts' name for a file saved every N steps."""
+    problem = output_name_problem(output_name)
+    if problem:
+        raise ValueError(problem)
+    if step < 1:
+        raise ValueError(f"steps are counted from 1, got {step}")
+    return f"{output_name}-step{step:08d}.safetensors"
+
+
+class NonFiniteWeights(ValueError):
+    """A LoRA file would hold NaN or infinite values (after the cast to its save precision)."""
+
+
 # --------------------------------------------------------------------------------------------
 # merge (kohya's math, written without peft so it can check peft)
 # --------------------------------------------------------------------------------------------
@@ -166,6 +180,12 @@ def save_kohya_lora(
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; choose another output name or allow overwriting it")
     tensors = kohya_state_dict(modules, SAVE_DTYPES[precision])
+    bad = [key for key, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise NonFiniteWeights(
+            f"{target.name} was not saved: {len(bad)} tensors hold NaN or infinite values in {precision} "
+            f"(first: {bad[0]})"
+        )
     header = _checked_metadata(metadata)
     model_hash, legacy_hash = safetensors_hashes(tensors, header)
     header["sshs_model_hash"] = model_hash
@@ -387,13 +407,14 @@ def build_metadata(
     config: TrainingConfig,
     run: TrainingRunInfo,
     finished_at: float | None = None,
+    file_stem: str = "",
 ) -> dict[str, str]:
     """The ``ss_*`` and ``modelspec.*`` header of one epoch's file, every value a string.
 
     ``ss_output_name`` is the file's stem (``name-000003``), so each epoch file has its own A1111
     alias instead of all of them colliding on ``name``.
     """
-    stem = Path(epoch_file_name(output_name, epoch)).stem
+    stem = file_stem or Path(epoch_file_name(output_name, epoch)).stem
     finished = time.time() if finished_at is None else finished_at
     metadata = {
         **_session_metadata(stem, run),

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from lib_lora_trainer.config import TrainingConfig, output_name_problem
 from lib_lora_trainer.files import atomic_write_bytes, atomic_write_text
 from lib_lora_trainer.network.kohya_format import epoch_file_name
 from lib_lora_trainer.paths import safe_relative_subfolder
+from lib_lora_trainer.training.state import STATE_FOLDER_NAME, StateFolder
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,11 @@ RUN_CONFIG_SUFFIX = ".lora_trainer_config.json"
 SD_VERSION = "SD1"
 
 OnRegistered = Callable[[str, Path], None]
+
+# What files.atomic_write_bytes leaves when the process is killed mid-write: ".<target>.<random>.tmp".
+_TEMPORARY_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+_OUR_SUFFIXES = (".safetensors", ".json", ".png", ".lctstate")
+STALE_TEMPORARY_AGE_S = 600.0  # older than any write in progress
 
 
 class OutputNameError(ValueError):
@@ -94,6 +101,26 @@ class RunOutputs:
 
 
 @dataclass(frozen=True)
+class ResumableRun:
+    """A run that did not finish ("training" means its process ended without saying so: a crash)."""
+
+    name: str
+    state_folder: Path
+    latest_state: Path
+    status: str
+    message: str
+    step: int
+    total_steps: int
+    updated_at: float
+
+    def describe(self) -> str:
+        how = (
+            "did not finish (the WebUI stopped during training)" if self.status == "training" else self.status
+        )
+        return f"{self.name}: step {self.step} of {self.total_steps}, {how.replace('_', ' ')}"
+
+
+@dataclass(frozen=True)
 class EpochCard:
     """What the Lora card shows for one epoch."""
 
@@ -105,6 +132,7 @@ class EpochCard:
     preferred_weight: float = 1.0
     negative_text: str = ""
     description: str = ""
+    stem: str = ""  # the file's stem when it is not the epoch's (a step file: name-step00000500)
 
 
 def card_metadata(run_name: str, card: EpochCard) -> dict[str, Any]:
@@ -167,7 +195,8 @@ class EpochRegistry:
     @staticmethod
     def _epoch_file_pattern(name: str) -> re.Pattern[str]:
         # Case-insensitive: Windows and macOS file systems treat ``Alice`` and ``alice`` as one name.
-        return re.compile(rf"^{re.escape(name)}-\d{{{EPOCH_DIGITS}}}(\..*)?$", re.IGNORECASE)
+        # epoch files name-000001.*, and step files name-step00000500.*
+        return re.compile(rf"^{re.escape(name)}-(\d{{{EPOCH_DIGITS}}}|step\d{{8}})(\..*)?$", re.IGNORECASE)
 
     def existing_epoch_files(self, name: str) -> list[Path]:
         """Every file under the Lora roots whose name starts with an epoch stem of ``name``."""
@@ -227,11 +256,12 @@ class EpochRegistry:
 
         The model file must already exist. Either both card files are written or neither is.
         """
-        model = run.model_path(card.epoch)
+        stem = card.stem or run.stem(card.epoch)
+        model = run.folder / f"{stem}.safetensors"
         if not model.is_file():
             raise RegistrationError(f"epoch {card.epoch} has no model file at {model}")
-        targets = [run.metadata_path(card.epoch)] + (
-            [run.preview_path(card.epoch)] if preview is not None else []
+        targets = [run.folder / f"{stem}.json"] + (
+            [run.folder / f"{stem}.preview.png"] if preview is not None else []
         )
         existing = [path for path in targets if path.exists()]
         if existing:
@@ -255,8 +285,63 @@ class EpochRegistry:
             if isinstance(error, OSError):
                 raise RegistrationError(f"could not write the card files of {model.stem}: {error}") from error
             raise
-        self._announce(run.stem(card.epoch), model)
+        self._announce(stem, model)
         return model
+
+    @staticmethod
+    def remove_card_files(run: RunOutputs, stem: str) -> None:
+        """The card files of a model file the run removed (save_last_n_epochs / save_last_n_steps)."""
+        for suffix in (".json", ".preview.png"):
+            (run.folder / f"{stem}{suffix}").unlink(missing_ok=True)
+
+    # --- after a crash -----------------------------------------------------------------------------
+    def resumable_runs(self) -> list[ResumableRun]:
+        """Runs in the output folder that did not finish and have a training state, newest first."""
+        root = self.output_folder / STATE_FOLDER_NAME
+        if not root.is_dir():
+            return []
+        runs = []
+        for folder in root.iterdir():
+            states = StateFolder(folder)
+            paths = states.state_paths() if folder.is_dir() else []
+            status = states.read_status() if paths else {}
+            if not paths or status.get("status") == "completed":
+                continue
+            runs.append(
+                ResumableRun(
+                    name=folder.name,
+                    state_folder=folder,
+                    latest_state=paths[-1],
+                    status=str(status.get("status", "training")),
+                    message=str(status.get("message", "")),
+                    step=int(status.get("step", 0) or 0),
+                    total_steps=int(status.get("total_steps", 0) or 0),
+                    updated_at=float(status.get("updated_at", paths[-1].stat().st_mtime) or 0.0),
+                )
+            )
+        return sorted(runs, key=lambda run: run.updated_at, reverse=True)
+
+    def remove_stale_temporaries(self, older_than_s: float = STALE_TEMPORARY_AGE_S) -> list[Path]:
+        """Delete the temporary files a killed write left in the output and state folders."""
+        removed = []
+        now = time.time()
+        folders = [self.output_folder, *sorted((self.output_folder / STATE_FOLDER_NAME).glob("*"))]
+        for folder in folders:
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                match = _TEMPORARY_NAME.match(path.name)
+                if not match or not match.group("target").endswith(_OUR_SUFFIXES) or not path.is_file():
+                    continue
+                try:
+                    if now - path.stat().st_mtime >= older_than_s:
+                        path.unlink()
+                        removed.append(path)
+                except OSError as error:
+                    logger.warning("could not remove the temporary file %s: %s", path, error)
+        for path in removed:
+            logger.info("removed %s, left by an interrupted save", path)
+        return removed
 
     def _announce(self, stem: str, model: Path) -> None:
         # The files are complete at this point; a failing refresh must not undo them (a prompt's

@@ -1,9 +1,12 @@
 """The training loop: one LoRA, trained on a host's live model, saved after every epoch.
 
-Reading order: :func:`train` checks everything that can be checked before the model is touched, then
-opens the host session, attaches the adapters and hands over to :class:`_Run`, whose ``execute`` is
-the loop itself. Leaving :func:`train` by any path (success, interrupt, NaN, exception) detaches the
-adapters and lets the host restore its model.
+Reading order: :func:`train` checks everything that can be checked before the model is touched (a
+resumed run also that its state still fits the dataset, checkpoint and settings), then opens the host
+session, caches latents, attaches the adapters and hands over to :class:`_Run`, whose ``execute`` is
+the loop itself. What the loop has done lives in one :class:`~lib_lora_trainer.training.state.RunState`
+that saves and loads itself; which files are written or removed when is
+:class:`~lib_lora_trainer.training.saving.SavePolicy`'s. Leaving :func:`train` by any path (success,
+interrupt, NaN, exception) detaches the adapters and lets the host restore its model.
 """
 
 from __future__ import annotations
@@ -11,13 +14,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,17 @@ from lib_lora_trainer.network.adapters import (
     plan_targets,
     targets_from_weights,
 )
+from lib_lora_trainer.network.kohya_format import NonFiniteWeights
+from lib_lora_trainer.training.callbacks import (
+    DatasetFacts,
+    EpochSaved,
+    NonFiniteLoss,
+    StepProgress,
+    TrainingCallbacks,
+    TrainingOutOfMemory,
+    TrainingPlan,
+    TrainingResult,
+)
 from lib_lora_trainer.training.device_settings import (
     fp16_grad_scaler,
     safe_cpu_attention,
@@ -45,6 +57,7 @@ from lib_lora_trainer.training.memory import (
     choose_checkpointing,
     estimate_step_bytes,
     free_cached_memory,
+    out_of_memory_advice,
 )
 from lib_lora_trainer.training.optim import (
     ParamGroup,
@@ -54,87 +67,49 @@ from lib_lora_trainer.training.optim import (
     current_learning_rates,
     describe_optimizer,
 )
+from lib_lora_trainer.training.saving import RunLength, SavePolicy
+from lib_lora_trainer.training.state import (
+    LoadedState,
+    ResumeMismatch,
+    RunFingerprint,
+    RunState,
+    StateError,
+    StateFolder,
+    StateKeeper,
+    check_resume,
+    fingerprint_for,
+    load_trainables,
+    trainables_of,
+)
 
 log = logging.getLogger(__name__)
 
-# The loss is read back to the CPU once per this many steps (and at every epoch end): reading it every
-# step would make the CPU wait for the GPU each step.
+# re-exported: the UI and the tests import the run's vocabulary from here
+__all__ = [
+    "DatasetFacts",
+    "EpochSaved",
+    "NonFiniteLoss",
+    "ResumeMismatch",
+    "StateError",
+    "StepProgress",
+    "TrainingCallbacks",
+    "TrainingOutOfMemory",
+    "TrainingPlan",
+    "TrainingResult",
+    "train",
+]
+
+# The loss is read back to the CPU after the first step, then once per this many steps (and at every
+# epoch end and state save): reading it every step would make the CPU wait for the GPU each step.
 LOSS_READ_INTERVAL = 10
 
 
-@dataclass(frozen=True)
-class TrainingPlan:
-    batches_per_epoch: int
-    steps_per_epoch: int  # optimizer steps
-    total_steps: int
-    epochs: int
-    adapted_modules: int
-    trainable_parameters: int
-    gradient_checkpointing: CheckpointingChoice = CheckpointingChoice(False, "off")
-
-
-@dataclass(frozen=True)
-class StepProgress:
-    step: int  # optimizer steps done
-    total_steps: int
-    epoch: int  # 1-based
-    epochs: int
-    learning_rates: dict[str, float]
-    new_losses: list[tuple[int, float]]  # (step, loss) pairs read back since the last report
-    elapsed_s: float
-
-
-@dataclass(frozen=True)
-class EpochSaved:
-    epoch: int
-    step: int
-    mean_loss: float
-    path: Path
-
-
-@dataclass
-class TrainingResult:
-    status: str  # "completed", "interrupted" or "stopped_nonfinite_loss"
-    message: str
-    epochs: list[EpochSaved] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)  # per optimizer-step micro-batch loss, in order
-    plan: TrainingPlan | None = None
-
-
-class TrainingCallbacks:
-    """Hooks the UI (or a test) uses to follow and steer a run. Every method is optional."""
-
-    def on_start(self, plan: TrainingPlan) -> None: ...
-
-    def on_step(self, progress: StepProgress) -> None: ...
-
-    def on_epoch_saved(self, saved: EpochSaved) -> None: ...
-
-    def on_notice(self, message: str) -> None:
-        """Something the user should know that changes how the run goes on (it goes on)."""
-
-    def should_stop(self) -> bool:
-        return False
-
-
-class NonFiniteLoss(RuntimeError):
+class _StoppedWhilePreparing(Exception):
     pass
 
 
-class TrainingOutOfMemory(RuntimeError):
-    """A step did not fit in memory, with every automatic remedy tried; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class DatasetFacts:
-    """What the dataset layer knows that goes into the file's ss_* metadata."""
-
-    dataset_dirs: dict[str, dict[str, int]] = field(
-        default_factory=dict
-    )  # {"10_alice": {"n_repeats": 10, ...}}
-    reg_dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
-    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)  # {"10_alice": {"tag": count}}
-    bucket_info: dict[str, Any] | None = None
+class _SaveFailed(RuntimeError):
+    pass
 
 
 def train(
@@ -145,8 +120,15 @@ def train(
     *,
     dataset_facts: DatasetFacts | None = None,
     image_count: int | None = None,
+    resume_from: str | Path | None = None,
+    allow_mismatch: bool = False,
 ) -> TrainingResult:
-    """Train one LoRA as ``config`` says; every epoch file lands in ``config.output_dir``."""
+    """Train one LoRA as ``config`` says; every epoch file lands in ``config.output_dir``.
+
+    ``resume_from`` (a state file or a run's state folder) goes on at the exact step it was saved at;
+    a dataset, checkpoint or settings difference is refused with :class:`ResumeMismatch` unless
+    ``allow_mismatch``.
+    """
     callbacks = callbacks or TrainingCallbacks()
     ensure_valid(config, need_dataset=False)
     problems = validate_for_dataset(config, image_count) if image_count is not None else []
@@ -154,7 +136,23 @@ def train(
         raise ConfigError(problems)
     check_optimizer_available(config)
     output_dir = Path(config.output_dir or ".")
-    _refuse_existing_outputs(output_dir, config)
+    length = RunLength.of(config, source.batches_per_epoch())
+    fingerprint = fingerprint_for(config, source.fingerprint(), host.base_model_info())
+    resumed, differences = (
+        check_resume(resume_from, fingerprint, allow_mismatch) if resume_from else (None, [])
+    )
+    for difference in differences:
+        log.warning("resuming although %s", difference)
+        callbacks.on_notice(f"Resuming although {difference}.")
+    own_files = SavePolicy(config, length).refuse_existing(output_dir, resumed)
+    unfinished = StateFolder.for_run(output_dir, config.output_name).state_paths()
+    if resumed is None and unfinished:
+        raise ConfigError(
+            [
+                f"an unfinished run named {config.output_name!r} has a training state in "
+                f"{unfinished[-1].parent}; resume it, or choose another output name"
+            ]
+        )
     initial_weights = _load_initial_weights(config)
 
     torch.manual_seed(config.seed)
@@ -168,35 +166,57 @@ def train(
         tf32_matmul(host.device),
         safe_cpu_attention(host.device, config.mixed_precision),
     ):
-        log.info("caching latents for %d batches per epoch", source.batches_per_epoch())
-        source.prepare(host.encode_images)
+        try:
+            _cache_latents(host, config, source, callbacks)
+        except _StoppedWhilePreparing:
+            message = "Stopped while caching latents; nothing was trained."
+            log.info("%s", message)
+            return TrainingResult("interrupted", message)
+        callbacks.on_phase("attaching adapters", 0, 1)
         unet, text_encoder = host.unet(), host.text_encoder()
         targets = _targets(config, unet, text_encoder, initial_weights)
         with attached_adapters(unet, text_encoder, targets) as adapters:
             if initial_weights:
                 adapters.load(initial_weights)
-            run = _Run(host, config, source, adapters, callbacks, output_dir, dataset_facts or DatasetFacts())
+            callbacks.on_phase("attaching adapters", 1, 1)
+            run = _Run(
+                host,
+                config,
+                source,
+                adapters,
+                callbacks,
+                _RunFiles(output_dir, fingerprint, own_files),
+                length,
+                dataset_facts or DatasetFacts(),
+                resumed,
+            )
             return run.execute()
+
+
+def _cache_latents(host: TrainingHost, config: TrainingConfig, source: BatchSource, callbacks) -> None:
+    """Encode the dataset once (phase "caching latents"); Stop is honoured after each image."""
+    total = source.batches_per_epoch()
+    log.info("caching latents for %d batches per epoch", total)
+
+    def progress(done: int, total: int) -> None:
+        callbacks.on_phase("caching latents", done, total)
+        if callbacks.should_stop():
+            raise _StoppedWhilePreparing()
+
+    callbacks.on_phase("caching latents", 0, 1)
+    try:
+        source.prepare(host.encode_images, progress)
+        failed = False
+    except torch.cuda.OutOfMemoryError:
+        failed = True
+    if failed:  # outside the except block, so what the VAE held is released first
+        free_cached_memory(host.device)
+        raise TrainingOutOfMemory(out_of_memory_advice(host.device, config, "while caching latents", False))
 
 
 def _trains_text_encoder(config: TrainingConfig) -> bool:
     relative = config.optimizer == "Adafactor" and config.adafactor_relative_step
     return config.train_text_encoder and (config.text_encoder_lr > 0 or relative)
-
-
-def _refuse_existing_outputs(output_dir: Path, config: TrainingConfig) -> None:
-    clashes = [
-        output_dir / kohya_format.epoch_file_name(config.output_name, epoch)
-        for epoch in range(1, config.epochs + 1)
-        if (output_dir / kohya_format.epoch_file_name(config.output_name, epoch)).exists()
-    ]
-    if clashes:
-        raise ConfigError(
-            [
-                f"{clashes[0].name} already exists in {output_dir}; "
-                "choose another output name (nothing is overwritten)"
-            ]
-        )
 
 
 def _load_initial_weights(config: TrainingConfig) -> dict[tuple[str, str], kohya_format.LoraModuleWeights]:
@@ -229,8 +249,15 @@ def _targets(config, unet, text_encoder, initial_weights):
     return plan_targets(unet, text_encoder, spec)
 
 
+@dataclass(frozen=True)
+class _RunFiles:
+    output_dir: Path
+    fingerprint: RunFingerprint
+    own_files: set[str]  # files a resumed run wrote after its state was saved: written again
+
+
 class _Run:
-    """The state of one run once the model is prepared and adapters are attached."""
+    """One run once the model is prepared and adapters are attached: the optimisation and the loop."""
 
     def __init__(
         self,
@@ -239,12 +266,16 @@ class _Run:
         source: BatchSource,
         adapters: AttachedAdapters,
         callbacks: TrainingCallbacks,
-        output_dir: Path,
+        files: _RunFiles,
+        length: RunLength,
         dataset_facts: DatasetFacts,
+        resumed: LoadedState | None,
     ):
         self.host, self.config, self.source = host, config, source
-        self.adapters, self.callbacks, self.output_dir = adapters, callbacks, output_dir
-        self.dataset_facts = dataset_facts
+        self.adapters, self.callbacks, self.files = adapters, callbacks, files
+        self.length, self.dataset_facts = length, dataset_facts
+        self.policy = SavePolicy(config, length)
+        self.state = resumed.run if resumed else RunState.new(config.seed, uuid.uuid4().int % 2**31)
         self.device = host.device
         self.alphas_cumprod = host.alphas_cumprod().float()
         configured = config.parameterization
@@ -259,79 +290,115 @@ class _Run:
         if self.text_params:
             groups.append(ParamGroup("text_encoder", self.text_params, config.text_encoder_lr))
         self.optimizer = build_optimizer(config, groups, self.device)
+        self.scheduler = build_scheduler(config, self.optimizer, length.total_steps)
         self.scaler = fp16_grad_scaler(self.device, config.mixed_precision)
         self.cond_cache = self._cache_conditioning()
         self.checkpointing_stack = contextlib.ExitStack()
         self.checkpointing_on = False
         checkpointing = self._choose_checkpointing()
-
-        batches = source.batches_per_epoch()
-        steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
         self.plan = TrainingPlan(
-            batches_per_epoch=batches,
-            steps_per_epoch=steps_per_epoch,
-            total_steps=steps_per_epoch * config.epochs,
-            epochs=config.epochs,
+            batches_per_epoch=length.batches_per_epoch,
+            steps_per_epoch=length.steps_per_epoch,
+            total_steps=length.total_steps,
+            epochs=length.epochs,
             adapted_modules=len(adapters.targets),
             trainable_parameters=self.trainable_parameters,
             gradient_checkpointing=checkpointing,
+            resumed_at_step=self.state.step,
         )
-        self.scheduler = build_scheduler(config, self.optimizer, self.plan.total_steps)
-        self.rng = random.Random(config.seed)
-        self.session_id = uuid.uuid4().int % 2**31
+        if resumed is not None:
+            self._load_trainables(resumed)
         self.started_at = time.time()
-
-        self.step = 0
+        folder = StateFolder.for_run(files.output_dir, config.output_name, config.save_last_n_states)
+        self.states = StateKeeper(
+            folder,
+            config,
+            files.fingerprint,
+            length.total_steps,
+            length.epochs,
+            callbacks.on_notice,
+            resumed.path if resumed else None,
+        )
         self.pending_losses: list[tuple[int, torch.Tensor]] = []
-        self.losses: list[float] = []
-        self.epoch_losses: list[float] = []
-        self.saved: list[EpochSaved] = []
 
     # --- the loop -----------------------------------------------------------------------------------
     def execute(self) -> TrainingResult:
         with self.checkpointing_stack:
-            if self.plan.gradient_checkpointing.enabled:
+            if self.plan.gradient_checkpointing.enabled or self.state.checkpointing_on:
                 self._checkpoint_from_now()
             return self._execute()
 
     def _execute(self) -> TrainingResult:
         self.callbacks.on_start(self.plan)
+        self.callbacks.on_phase("training", self.state.step, self.plan.total_steps)
         log.info(
             "training %s: %d epochs x %d steps, %d adapted modules, %d trainable parameters; "
-            "gradient checkpointing %s",
+            "gradient checkpointing %s%s",
             self.config.output_name,
             self.plan.epochs,
             self.plan.steps_per_epoch,
             self.plan.adapted_modules,
             self.plan.trainable_parameters,
             self.plan.gradient_checkpointing.reason,
+            f"; resumed at step {self.state.step}" if self.state.step else "",
         )
+        self._write_status("training", "training")
         try:
-            for epoch in range(1, self.config.epochs + 1):
-                if not self._train_epoch(epoch):
-                    return self._result("interrupted", f"Interrupted during epoch {epoch}.")
-                self._finish_epoch(epoch)
-        except NonFiniteLoss as error:
-            return self._result("stopped_nonfinite_loss", str(error))
-        return self._result("completed", f"Trained {self.config.epochs} epochs, {self.step} steps.")
+            while not self._finished():
+                if not self._train_epoch():
+                    return self._stopped(f"Interrupted during epoch {self.state.epoch}")
+                self._finish_epoch()
+                if self._finished():
+                    break
+                self._save_state_if_due()
+                if self.callbacks.should_stop():
+                    return self._stopped(f"Interrupted after epoch {self.state.epoch - 1}")
+        except (NonFiniteLoss, NonFiniteWeights) as error:
+            return self._result("stopped_nonfinite_loss", self._nonfinite_message(error))
+        except _SaveFailed as error:
+            return self._result("stopped_save_failed", str(error))
+        except TrainingOutOfMemory as error:
+            message = self._after_out_of_memory(error)
+            raise TrainingOutOfMemory(message, weights_intact=error.weights_intact) from None
+        message = f"Trained {self.plan.epochs} epochs, {self.state.step} steps."
+        result = self._result("completed", message)
+        with contextlib.suppress(OSError):
+            self.states.folder.remove()  # a finished run needs no state; its files are the result
+        result.state_path = None
+        return result
 
-    def _train_epoch(self, epoch: int) -> bool:
-        """One pass over the data; False when the user interrupted it."""
-        self.epoch_losses = []
-        accumulation = self.config.gradient_accumulation_steps
-        batches = self.plan.batches_per_epoch
+    def _finished(self) -> bool:
+        return self.state.step >= self.length.total_steps or self.state.epoch > self.length.epochs
+
+    def _train_epoch(self) -> bool:
+        """The rest of the epoch in progress; False when the user interrupted it."""
+        state, accumulation = self.state, self.config.gradient_accumulation_steps
+        batches = self.length.batches_per_epoch
+        self.rng = state.data_rng()
+        state.begin_epoch(self.rng)
+        epoch_batches = iter(self.source.epoch(state.epoch - 1, self.rng))
+        for _ in range(state.batches_done):  # a resumed epoch: replay its first batches' random draws
+            next(epoch_batches)
+        # torch's generators as after the last step, whatever drew from them since (samples, resume)
+        state.restore_torch_rngs()
         window: list[TrainingBatch] = []  # the batches of this optimizer step
-        for index, batch in enumerate(self.source.epoch(epoch - 1, self.rng)):
+        for index, batch in enumerate(epoch_batches, start=state.batches_done):
             if self.callbacks.should_stop():
                 return False
             window.append(batch)
             self._accumulate(window)
             if (index + 1) % accumulation == 0 or index + 1 == batches:
                 self._optimizer_step()
-                self.step += 1
-                self._report(epoch, epoch_end=index + 1 == batches)
+                state.step_done(index + 1, self.device)
                 window = []
-        return not self.callbacks.should_stop()
+                epoch_end = index + 1 == batches or state.step >= self.length.total_steps
+                self._report(epoch_end)
+                if self.policy.step_file_due(state.step):
+                    self._save_file("step", state.step)
+                if epoch_end:
+                    break
+                self._save_state_if_due()
+        return True
 
     def _accumulate(self, window: list[TrainingBatch]) -> None:
         """Forward and backward of the window's newest batch. If it runs out of memory while "auto" has
@@ -342,11 +409,11 @@ class _Run:
         if self.checkpointing_on or self.config.gradient_checkpointing != "auto":
             raise TrainingOutOfMemory(self._out_of_memory_advice())
         self.optimizer.zero_grad(set_to_none=True)
-        self.pending_losses = [(step, loss) for step, loss in self.pending_losses if step <= self.step]
+        self.pending_losses = [(step, loss) for step, loss in self.pending_losses if step <= self.state.step]
         free_cached_memory(self.device)
         self._checkpoint_from_now()
         notice = (
-            f"Step {self.step + 1} ran out of memory with gradient checkpointing off; "
+            f"Step {self.state.step + 1} ran out of memory with gradient checkpointing off; "
             "switched it on for the rest of the run and did the step again."
         )
         log.warning("%s", notice)
@@ -359,21 +426,32 @@ class _Run:
         """False when the batch did not fit in memory (what it allocated is released on return)."""
         try:
             loss = self._loss(batch)
-            self.pending_losses.append((self.step + 1, loss.detach()))
+            self.pending_losses.append((self.state.step + 1, loss.detach()))
             self._backward(loss / self.config.gradient_accumulation_steps)
         except torch.cuda.OutOfMemoryError:
             return False
         return True
 
-    def _out_of_memory_advice(self) -> str:
-        where = "GPU" if self.device.type == "cuda" else self.device.type.upper()
-        checkpointing = "on" if self.checkpointing_on else "off"
-        return (
-            f"Out of {where} memory at step {self.step + 1} (batch size {self.config.batch_size}, "
-            f"{self.config.resolution} px, gradient checkpointing {checkpointing}). Lower the batch size or "
-            "the resolution, use a lower rank, keep the text encoder frozen, or close other programs "
-            f"that use the {where}. Epoch files saved so far are kept."
-        )
+    def _out_of_memory_advice(self, during: str = "") -> str:
+        where = during or f"at step {self.state.step + 1}"
+        return out_of_memory_advice(self.device, self.config, where, self.checkpointing_on)
+
+    def _after_out_of_memory(self, error: TrainingOutOfMemory) -> str:
+        """Save the state of the last finished step (unless the failed optimizer step changed the
+        weights half-way) and say what Resume will do."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending_losses = [(step, loss) for step, loss in self.pending_losses if step <= self.state.step]
+        free_cached_memory(self.device)
+        path = None
+        if error.weights_intact:
+            with contextlib.suppress(NonFiniteLoss):
+                path = self._save_state()
+        self._write_status("failed", str(error))
+        if path is not None:
+            return (
+                f"{error} The training state of step {self.state.step} is saved: Resume goes on from there."
+            )
+        return str(error)
 
     # --- gradient checkpointing ---------------------------------------------------------------------
     def _choose_checkpointing(self) -> CheckpointingChoice:
@@ -381,6 +459,7 @@ class _Run:
         free = available_bytes(self.device) if mode == "auto" else None
         if free is None:
             return choose_checkpointing(mode, None, None)
+        self.callbacks.on_phase("memory probe", 0, 1)
         captions = self.source.captions()[:1] or [""]
         try:
             need = estimate_step_bytes(
@@ -394,6 +473,7 @@ class _Run:
             )
         except torch.cuda.OutOfMemoryError:
             need = None
+        self.callbacks.on_phase("memory probe", 1, 1)
         if need is None:  # outside the except block, so what the probe held is released first
             free_cached_memory(self.device)
             return CheckpointingChoice(True, "auto: on (the memory probe itself ran out of memory)")
@@ -401,8 +481,9 @@ class _Run:
 
     def _checkpoint_from_now(self) -> None:
         self.checkpointing_stack.enter_context(self.host.gradient_checkpointing(True))
-        self.checkpointing_on = True
+        self.checkpointing_on = self.state.checkpointing_on = True
 
+    # --- one step -----------------------------------------------------------------------------------
     def _loss(self, batch: TrainingBatch) -> torch.Tensor:
         latents = to_device_async(batch.latents, self.device, torch.float32)
         cond = self._conditioning(batch.captions)
@@ -438,6 +519,18 @@ class _Run:
             loss.backward()
 
     def _optimizer_step(self) -> None:
+        try:
+            self._apply_gradients()
+            failed = False
+        except torch.cuda.OutOfMemoryError:
+            failed = True
+        if failed:  # e.g. the optimizer's state, allocated at the first step, does not fit
+            raise TrainingOutOfMemory(
+                self._out_of_memory_advice(f"in the optimizer step of step {self.state.step + 1}"),
+                weights_intact=False,
+            )
+
+    def _apply_gradients(self) -> None:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm > 0:
@@ -455,10 +548,21 @@ class _Run:
         """With a frozen text encoder and fixed captions, each caption is encoded once for the run."""
         if self.train_text_encoder or self.source.captions_vary():
             return {}
+        captions = self.source.captions()
         cache = {}
-        with torch.no_grad(), self.host.autocast(self.config.mixed_precision):
-            for caption in self.source.captions():
-                cache[caption] = self.host.encode_text([caption])[0]
+        try:
+            with torch.no_grad(), self.host.autocast(self.config.mixed_precision):
+                for index, caption in enumerate(captions):
+                    self.callbacks.on_phase("caching captions", index, len(captions))
+                    cache[caption] = self.host.encode_text([caption])[0]
+            failed = False
+        except torch.cuda.OutOfMemoryError:
+            failed = True
+        if failed:
+            cache = {}
+            free_cached_memory(self.device)
+            raise TrainingOutOfMemory(self._out_of_memory_advice("while encoding the captions"))
+        self.callbacks.on_phase("caching captions", len(captions), len(captions))
         return cache
 
     def _conditioning(self, captions: Sequence[str]) -> torch.Tensor:
@@ -468,7 +572,7 @@ class _Run:
         with torch.set_grad_enabled(self.train_text_encoder), self.host.autocast(self.config.mixed_precision):
             return self.host.encode_text(list(captions))
 
-    # --- reporting and saving -----------------------------------------------------------------------
+    # --- reporting ----------------------------------------------------------------------------------
     def _read_losses(self) -> list[tuple[int, float]]:
         """Bring pending losses to the CPU in one transfer; stop on the first non-finite one."""
         if not self.pending_losses:
@@ -478,24 +582,22 @@ class _Run:
         self.pending_losses = []
         for step, value in read:
             if not math.isfinite(value):
-                last = self.saved[-1].path.name if self.saved else "none yet"
-                raise NonFiniteLoss(
-                    f"The loss became {value} at step {step}; training stopped. The last good epoch file is "
-                    f"{last}. Lower the learning rate or alpha, or train in bf16/fp32 instead of fp16."
-                )
-        self.losses += [value for _, value in read]
-        self.epoch_losses += [value for _, value in read]
+                raise NonFiniteLoss(f"The loss became {value} at step {step}; training stopped.")
+        self.state.losses += [value for _, value in read]
+        self.state.epoch_losses += [value for _, value in read]
         return read
 
-    def _report(self, epoch: int, epoch_end: bool = False) -> None:
-        # also read at each epoch's end, so the UI's chart has every step before the epoch is saved
-        due = epoch_end or self.step % LOSS_READ_INTERVAL == 0
+    def _report(self, epoch_end: bool = False) -> None:
+        # read after the first step (the chart has a value at once), every LOSS_READ_INTERVAL steps
+        # and at each epoch's end (so the chart has every step before the epoch is saved)
+        step = self.state.step
+        due = epoch_end or step == 1 or step % LOSS_READ_INTERVAL == 0
         new_losses = self._read_losses() if due else []
         self.callbacks.on_step(
             StepProgress(
-                step=self.step,
+                step=step,
                 total_steps=self.plan.total_steps,
-                epoch=epoch,
+                epoch=self.state.epoch,
                 epochs=self.plan.epochs,
                 learning_rates=current_learning_rates(self.optimizer, self.scheduler),
                 new_losses=new_losses,
@@ -503,24 +605,80 @@ class _Run:
             )
         )
 
-    def _finish_epoch(self, epoch: int) -> None:
+    def _nonfinite_message(self, error: Exception) -> str:
+        epochs = [s for s in self.state.saved if s.kind == "epoch"]
+        last = epochs[-1].path.name if epochs else "none yet"
+        state = (
+            f" The last good training state is {self.states.last_path.name} "
+            "(Resume it with a lower learning rate)."
+            if self.states.last_path is not None
+            else ""
+        )
+        precision = " and save in bf16/fp32" if isinstance(error, NonFiniteWeights) else ""
+        message = (
+            f"{error} The last good epoch file is {last}. Lower the learning rate or alpha, or train in "
+            f"bf16/fp32 instead of fp16{precision}.{state}"
+        )
+        self._write_status("stopped_nonfinite_loss", message)
+        return message
+
+    # --- files --------------------------------------------------------------------------------------
+    def _finish_epoch(self) -> None:
         self._read_losses()
-        last = epoch == self.config.epochs
-        if epoch % self.config.save_every_n_epochs and not last:
-            return
-        mean_loss = sum(self.epoch_losses) / max(1, len(self.epoch_losses))
-        path = self.output_dir / kohya_format.epoch_file_name(self.config.output_name, epoch)
+        losses = self.state.epoch_losses
+        mean_loss = sum(losses) / max(1, len(losses))
+        if self.policy.epoch_file_due(self.state.epoch):
+            self._save_file("epoch", self.state.epoch)
+        # (validation loss at each epoch end goes here)
+        self.state.epoch_done(mean_loss, self.rng)
+
+    def _save_file(self, kind: str, number: int) -> None:
+        """Write an epoch or step file (refused when not finite), then drop what save_last_n_* drops."""
+        self._read_losses()
+        losses = self.state.epoch_losses
+        mean_loss = sum(losses) / max(1, len(losses))
+        path = self.files.output_dir / self.policy.file_name(kind, number)
         modules = {
             kohya_format.kohya_name(component, name): weights
             for (component, name), weights in self.adapters.export().items()
         }
-        kohya_format.save_kohya_lora(path, modules, self._metadata(epoch), self.config.save_precision)
-        saved = EpochSaved(epoch=epoch, step=self.step, mean_loss=mean_loss, path=path)
-        self.saved.append(saved)
-        log.info("saved epoch %d to %s (mean loss %.4f)", epoch, path, mean_loss)
+        try:
+            kohya_format.save_kohya_lora(
+                path,
+                modules,
+                self._metadata(path.stem),
+                self.config.save_precision,
+                overwrite=path.name in self.files.own_files,
+            )
+        except OSError as error:
+            raise _SaveFailed(self._save_failed_message(path, error)) from None
+        saved = EpochSaved(
+            epoch=self.state.epoch, step=self.state.step, mean_loss=mean_loss, path=path, kind=kind
+        )
+        self.state.saved.append(saved)
+        log.info("saved %s (step %d, mean loss %.4f)", path, self.state.step, mean_loss)
         self.callbacks.on_epoch_saved(saved)
+        for old in self.policy.to_remove(self.state.saved):
+            old.path.unlink(missing_ok=True)
+            self.state.saved.remove(old)
+            log.info("removed %s (save_last_n_%ss)", old.path.name, old.kind)
+            self.callbacks.on_file_removed(old)
 
-    def _metadata(self, epoch: int) -> dict[str, str]:
+    def _save_failed_message(self, path: Path, error: OSError) -> str:
+        reason = "the disk is full" if error.errno == 28 else (error.strerror or str(error))
+        state = (
+            f"the training state of step {self.state.step} is saved, so Resume goes on from there"
+            if self._save_state() is not None
+            else "the previous training state is kept"
+        )
+        message = (
+            f"{path.name} could not be saved: {reason} (nothing partial was left). Free some space or "
+            f"choose another Lora folder; {state}, and the epoch files saved so far are kept."
+        )
+        self._write_status("stopped_save_failed", message)
+        return message
+
+    def _metadata(self, stem: str) -> dict[str, str]:
         info = self.host.base_model_info()
         facts = self.dataset_facts
         run = kohya_format.TrainingRunInfo(
@@ -530,8 +688,8 @@ class _Run:
             tag_frequency=facts.tag_frequency,
             bucket_info=facts.bucket_info,
             reg_dataset_dirs=facts.reg_dataset_dirs,
-            session_id=self.session_id,
-            training_started_at=self.started_at,
+            session_id=self.state.session_id,
+            training_started_at=self.state.started_at,
             parameterization=self.parameterization,
             optimizer=describe_optimizer(self.config),
             gradient_checkpointing=self.checkpointing_on,
@@ -540,12 +698,58 @@ class _Run:
             new_sd_model_hash=info.hash_sha256,
         )
         return kohya_format.build_metadata(
-            output_name=self.config.output_name, epoch=epoch, steps=self.step, config=self.config, run=run
+            output_name=self.config.output_name,
+            epoch=self.state.epoch,
+            steps=self.state.step,
+            config=self.config,
+            run=run,
+            file_stem=stem,
         )
+
+    # --- the training state -------------------------------------------------------------------------
+    def _save_state_if_due(self) -> None:
+        if self.policy.state_due(self.state.step, time.monotonic() - self.states.last_saved_at):
+            self._save_state()
+
+    def _save_state(self) -> Path | None:
+        """Save the state of the last finished step; None when it could not be (the previous is kept)."""
+        # the losses of a step not finished (a stop during gradient accumulation) are redone on resume
+        self.pending_losses = [(step, loss) for step, loss in self.pending_losses if step <= self.state.step]
+        self._read_losses()  # a non-finite loss stops the run here: no state after it is "good"
+        if not all(bool(torch.isfinite(p).all()) for p in self.trainable):
+            log.warning("the adapters hold NaN/inf values; the training state is not saved")
+            return None
+        trainables = trainables_of(self.adapters, self.optimizer, self.scheduler, self.scaler)
+        return self.states.save(self.state, trainables)
+
+    def _load_trainables(self, resumed: LoadedState) -> None:
+        load_trainables(resumed, self.adapters, self.optimizer, self.scheduler, self.scaler)
+        notice = f"Resuming at step {self.state.step} of {self.plan.total_steps} (epoch {self.state.epoch})."
+        log.info("%s", notice)
+        self.callbacks.on_notice(notice)
+
+    def _write_status(self, status: str, message: str) -> None:
+        self.states.status(status, message, self.state)
+
+    def _stopped(self, what: str) -> TrainingResult:
+        path = self._save_state()
+        resume = f" Resume goes on at step {self.state.step}." if path is not None else ""
+        message = f"{what}.{resume}"
+        self._write_status("interrupted", message)
+        return self._result("interrupted", message)
 
     def _result(self, status: str, message: str) -> TrainingResult:
         if status != "stopped_nonfinite_loss":
             with contextlib.suppress(NonFiniteLoss):
                 self._read_losses()
         log.info("%s", message)
-        return TrainingResult(status, message, list(self.saved), list(self.losses), self.plan)
+        saved = self.state.saved
+        return TrainingResult(
+            status,
+            message,
+            [s for s in saved if s.kind == "epoch"],
+            list(self.state.losses),
+            self.plan,
+            [s for s in saved if s.kind == "step"],
+            self.states.last_path,
+        )

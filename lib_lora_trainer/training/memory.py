@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from lib_lora_trainer.config import TrainingConfig
 from lib_lora_trainer.model.host import TrainingHost
 
 GIB = 1024**3
@@ -178,3 +179,16 @@ def choose_checkpointing(mode: str, need_bytes: int | None, free_bytes: int | No
     enabled = need_bytes > USABLE_FRACTION * free_bytes
     estimate = f"a step needs about {need_bytes / GIB:.1f} GiB, {free_bytes / GIB:.1f} GiB free"
     return CheckpointingChoice(enabled, f"auto: {'on' if enabled else 'off'} ({estimate})")
+
+
+def out_of_memory_advice(
+    device: torch.device, config: TrainingConfig, during: str, checkpointing: bool
+) -> str:
+    """What to change after running out of memory ``during`` (e.g. "at step 12", "while caching latents")."""
+    where = "GPU" if device.type == "cuda" else device.type.upper()
+    return (
+        f"Out of {where} memory {during} (batch size {config.batch_size}, {config.resolution} px, "
+        f"gradient checkpointing {'on' if checkpointing else 'off'}). Lower the batch size or the "
+        "resolution, use a lower rank, keep the text encoder frozen, or close other programs that use "
+        f"the {where}. Epoch files saved so far are kept."
+    )

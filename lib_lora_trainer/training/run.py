@@ -2,7 +2,9 @@
 
 The tab calls :func:`run_training`; so do the tests. ``python -m lib_lora_trainer.training.run
 config.json`` runs it outside any WebUI on a randomly initialised model (to try settings and
-datasets, or measure speed), since no weights can be loaded without a WebUI here.
+datasets, or measure speed), since no weights can be loaded without a WebUI here. ``--resume STATE``
+goes on from a training state (a ``.lctstate`` file, or the run's ``.lora_trainer_state/<name>``
+folder) at its exact step.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from lib_lora_trainer.dataset.source import DatasetError, build_batch_source
 from lib_lora_trainer.files import remove_stale_temporaries
 from lib_lora_trainer.model.host import HostRefused, TrainingHost
 from lib_lora_trainer.training.loop import DatasetFacts, TrainingCallbacks, TrainingResult, train
+from lib_lora_trainer.training.state import StateError
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,11 @@ def run_training(
     face_finder: FaceFinder | None = None,
     vae_id: str = "",
     cache_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    allow_mismatch: bool = False,
 ) -> TrainingResult:
-    """Scan, plan and train. Every check runs before the host's model is touched."""
+    """Scan, plan and train (or go on from a training state). Every check runs before the host's
+    model is touched."""
     ensure_valid(config)
     if config.output_dir:
         remove_stale_temporaries(config.output_dir)  # what a killed save of an earlier run left
@@ -72,7 +78,16 @@ def run_training(
         tag_frequency=report.ss_tag_frequency,
         bucket_info=report.ss_bucket_info,
     )
-    return train(host, config, source, callbacks, dataset_facts=facts, image_count=prepared.image_count)
+    return train(
+        host,
+        config,
+        source,
+        callbacks,
+        dataset_facts=facts,
+        image_count=prepared.image_count,
+        resume_from=resume_from,
+        allow_mismatch=allow_mismatch,
+    )
 
 
 class _PrintProgress(TrainingCallbacks):
@@ -89,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="a JSON file of TrainingConfig fields")
     parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny", help="random model size")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--resume", metavar="STATE", help="a training state file, or a run's state folder")
+    parser.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="resume even when the dataset, checkpoint or settings changed (each difference is named)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from lib_lora_trainer.model.standalone import build_random_host
@@ -96,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = TrainingConfig.from_json_file(args.config)
         host = build_random_host(args.model, device=args.device)
-        result = run_training(host, config, _PrintProgress())
+        result = run_training(
+            host, config, _PrintProgress(), resume_from=args.resume, allow_mismatch=args.allow_mismatch
+        )
     except (Exception, KeyboardInterrupt) as error:  # every failure ends as one message, never a traceback
         return report_failure(error)
     print(json.dumps({"status": result.status, "message": result.message}))
@@ -115,7 +138,7 @@ def report_failure(error: BaseException) -> int:
 def _describe(error: BaseException) -> tuple[int, str]:
     if isinstance(error, KeyboardInterrupt):
         return 130, "interrupted; the epochs saved so far are kept"
-    if isinstance(error, (ConfigError, DatasetError)):
+    if isinstance(error, (ConfigError, DatasetError, StateError)):
         return 2, str(error)
     if isinstance(error, HostRefused):
         return 2, f"this model cannot be trained here: {error}"

@@ -36,6 +36,7 @@ from lib_lora_trainer.training.loop import (
     TrainingPlan,
 )
 from lib_lora_trainer.training.run import prepare_dataset, run_training
+from lib_lora_trainer.training.state import StateError, load_state
 from lib_lora_trainer.ui.services import HostServices, JobFrame
 
 logger = logging.getLogger(__name__)
@@ -44,12 +45,10 @@ RUNNING_STATES = ("queued", "preparing", "training", "sampling")
 MAX_LOG_LINES = 200
 # How the preparation phases the engine reports (TrainingCallbacks.on_phase) are named for the user.
 PHASE_LABELS = {
-    "latents": "Caching latents",
-    "cache_latents": "Caching latents",
-    "caching_latents": "Caching latents",
-    "conditioning": "Encoding captions",
-    "adapters": "Attaching the adapters",
-    "memory_probe": "Measuring memory",
+    "caching latents": "Caching latents",
+    "attaching adapters": "Attaching the adapters",
+    "memory probe": "Measuring memory",
+    "caching captions": "Encoding captions",
 }
 
 
@@ -157,7 +156,10 @@ class TrainingJob:
         run: RunOutputs,
         registry: EpochRegistry,
         task_id: str,
+        resume_from: Path | None = None,
+        allow_mismatch: bool = False,
     ):
+        self.resume_from, self.allow_mismatch = resume_from, allow_mismatch
         self.services = services
         self.config = config
         self.run = run
@@ -226,10 +228,19 @@ class TrainingJob:
                     _Callbacks(self),
                     face_finder=self.services.face_finder(),
                     vae_id=self.services.vae_id(),
+                    resume_from=self.resume_from,
+                    allow_mismatch=self.allow_mismatch,
                 )
             self._update(state=result.status, message=result.message)
             self._log(result.message)
-        except (ConfigError, DatasetError, HostRefused, PathNotAllowedError, TrainingOutOfMemory) as error:
+        except (
+            ConfigError,
+            DatasetError,
+            HostRefused,
+            PathNotAllowedError,
+            TrainingOutOfMemory,
+            StateError,
+        ) as error:
             self._fail(str(error))
         except Exception as error:  # anything else must still end the job visibly
             logger.exception("training %s failed", self.run.name)
@@ -260,7 +271,8 @@ class TrainingJob:
 
     # --- callbacks from the engine ------------------------------------------------------------------
     def on_start(self, plan: TrainingPlan) -> None:
-        self.registry.save_run_config(self.run, self.config)
+        if self.resume_from is None:  # a resumed run keeps the settings file it started with
+            self.registry.save_run_config(self.run, self.config)
         self._update(
             state="training",
             message=f"{plan.epochs} epochs of {plan.steps_per_epoch} steps",
@@ -304,7 +316,7 @@ class TrainingJob:
         self._report_progress()
 
     def on_epoch_saved(self, saved: EpochSaved) -> None:
-        stem = self.run.stem(saved.epoch)
+        stem = saved.path.stem  # name-000003, or a step file's name-step00000500
         self._log(f"Epoch {saved.epoch} saved: {saved.path.name} (mean loss {saved.mean_loss:.4f})")
         samples = self._render_samples(saved.epoch, stem)
         problem = ""
@@ -314,6 +326,7 @@ class TrainingJob:
             loss=saved.mean_loss,
             trigger_word=self.config.trigger_word,
             total_epochs=self.config.epochs,
+            stem=stem,
         )
         try:
             self.registry.register_epoch(self.run, card, preview=samples[0].image if samples else None)
@@ -402,6 +415,9 @@ class _Callbacks(TrainingCallbacks):
     def on_phase(self, phase: str, done: int, total: int) -> None:
         self.job.on_phase(phase, done, total)
 
+    def on_file_removed(self, saved: EpochSaved) -> None:
+        self.job.registry.remove_card_files(self.job.run, saved.path.stem)
+
     def should_stop(self) -> bool:
         return self.job.should_stop()
 
@@ -456,12 +472,48 @@ class TrainingJobs:
             job.start()
             return job
 
+    def resume(self, run_name: str, *, allow_mismatch: bool = False, task_id: str = "") -> TrainingJob:
+        """Go on with a run that did not finish, from its newest training state, in its own folder."""
+        with self._lock:
+            if self.is_running():
+                raise JobRefused("A training run is already in progress; stop it or wait for it to end.")
+            registry = EpochRegistry(
+                self.services.lora_roots(),
+                self.services.defaults().lora_subfolder,
+                on_registered=self.services.notify_lora_added,
+            )
+            runs = {run.name: run for run in registry.resumable_runs()}
+            if run_name not in runs:
+                raise JobRefused(
+                    f"{run_name!r} has no training state to resume (it finished, or never saved one)."
+                )
+            try:
+                saved = load_state(runs[run_name].state_folder).config
+                run = registry.run_for(run_name)
+                config = self._checked_paths(dataclasses.replace(saved, output_dir=str(run.folder)))
+                ensure_valid(config)
+            except (ConfigError, PathNotAllowedError, StateError, ValueError) as error:
+                logger.warning("resume not started: %s", error)
+                raise JobRefused(str(error)) from error
+            job = TrainingJob(
+                self.services,
+                config,
+                run,
+                registry,
+                task_id or self.services.new_task_id("train"),
+                resume_from=runs[run_name].state_folder,
+                allow_mismatch=allow_mismatch,
+            )
+            self._current = job
+            job.start()
+            return job
+
     def stop(self) -> str:
         job = self._current
         if job is None or not job.snapshot().running:
             return "No training is running."
         job.request_stop()
-        return "Stopping after the current step; the last finished epoch is kept."
+        return "Stopping after the current step; the training state is saved for Resume."
 
     def _preflight(self, config: TrainingConfig) -> None:
         """What run_training would refuse later, checked now so that Train never says "started" for a run

@@ -50,6 +50,7 @@ from lib_lora_trainer.ui.form import (
 )
 from lib_lora_trainer.ui.form_memory import FormMemory
 from lib_lora_trainer.ui.jobs import JobSnapshot, TrainingJobs
+from lib_lora_trainer.ui.resume import ResumeActions, ResumeControls
 from lib_lora_trainer.ui.services import GridSettings, HostServices
 from lib_lora_trainer.ui.uploads import RefusedUpload, UploadFile
 
@@ -363,6 +364,8 @@ class _Tab:
                 "Render grid here", interactive=False, elem_id="lct_render_grid"
             )
         self.results_message = gr.HTML(elem_id="lct_results_message")
+        # --- resume (logic in ui/resume.py) ---
+        self.resume_controls = ResumeControls(ResumeActions(self.services, self.jobs))
         self.grid_image = gr.Image(label="Comparison grid", type="pil", interactive=False, elem_id="lct_grid")
 
     # --- events -------------------------------------------------------------------------------------
@@ -447,6 +450,7 @@ class _Tab:
             self.on_train, train_inputs, [self.run_message, self.task_id], _js=start_js(task_id_index)
         ).then(self.watch, None, watch_outputs)
         self.stop_button.click(self.on_stop, None, [self.run_message])
+        self.resume_controls.wire(self.task_id, self.watch, watch_outputs)
         tab.load(self.watch, None, watch_outputs)
         self.task_id.change(None, [self.task_id], None, _js=ATTACH_JS)
         self.new_cards.change(None, [self.new_cards], None, _js=REFRESH_CARDS_JS)

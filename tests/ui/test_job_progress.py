@@ -65,7 +65,7 @@ def _run_with_phases(services, jobs, dataset, monkeypatch, phases):
 
 
 def test_each_preparation_phase_reports_its_own_progress(services, jobs, dataset, monkeypatch):
-    phases = [("cache_latents", 0, 4), ("cache_latents", 3, 4), ("memory_probe", 1, 2)]
+    phases = [("caching latents", 0, 4), ("caching latents", 3, 4), ("memory probe", 1, 2)]
     job, seen = _run_with_phases(services, jobs, dataset, monkeypatch, phases)
 
     assert [entry[:3] for entry in seen] == [
@@ -83,7 +83,7 @@ def test_each_preparation_phase_reports_its_own_progress(services, jobs, dataset
 
 
 def test_elapsed_stops_when_the_run_ends(services, jobs, dataset, monkeypatch):
-    job, _ = _run_with_phases(services, jobs, dataset, monkeypatch, [("adapters", 1, 1)])
+    job, _ = _run_with_phases(services, jobs, dataset, monkeypatch, [("attaching adapters", 1, 1)])
     first = job.snapshot().elapsed_s
     time.sleep(1.2)
     assert job.snapshot().elapsed_s == first > 0

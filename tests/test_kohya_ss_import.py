@@ -236,7 +236,7 @@ def test_unsupported_network_optimizer_and_model_family_are_reported_not_applied
     result = import_kohya_ss_config(
         {
             "LoRA_type": "LyCORIS/LoHa",
-            "optimizer": "Lion",
+            "optimizer": "DAdaptLion",
             "lr_scheduler": "rex",
             "sdxl": True,
             "max_train_steps": 1600,

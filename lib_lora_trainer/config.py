@@ -463,6 +463,12 @@ def _loss_and_optimizer_problems(config: TrainingConfig) -> list[str]:
                 f"Prodigy finds the step size itself and its {name} learning rate is a multiplier on it: "
                 f"set it to about 1.0 (between {low} and {high}), not {rate}",
             )
+        nonzero = {rate for _, rate in rates if rate}
+        check(
+            len(nonzero) <= 1,
+            "Prodigy needs the same learning rate for the UNet and the text encoder (or 0 for one of them); "
+            "set both to 1.0",
+        )
     return problems
 
 

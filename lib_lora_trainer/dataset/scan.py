@@ -24,6 +24,7 @@ from lib_lora_trainer.dataset.images import (
     is_image_file,
     probe_image,
 )
+from lib_lora_trainer.dataset.masks import is_mask_file  # photo.mask.png is a loss mask, not a picture
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def _list_images(folder: Path, result: ScannedDataset) -> list[Path]:
     except OSError as error:
         result.errors.append(f"cannot list the folder {folder} ({error.strerror or error})")
         return []
-    return [path for path in entries if is_image_file(path)]
+    return [path for path in entries if is_image_file(path) and not is_mask_file(path)]
 
 
 def _kohya_subfolders(root: Path) -> list[tuple[Path, int, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -262,3 +263,23 @@ def test_bad_loss_settings_are_refused_with_a_sentence():
     for overrides, expected in cases:
         problems = validate(TrainingConfig(**overrides), need_dataset=False)
         assert any(expected in problem for problem in problems), (overrides, problems)
+
+
+class MaskedSource:
+    """small_source's batches with every pixel masked out."""
+
+    def __init__(self, source):
+        self._source = source
+
+    def __getattr__(self, name):
+        return getattr(self._source, name)
+
+    def epoch(self, epoch_index, rng):
+        for batch in self._source.epoch(epoch_index, rng):
+            masks = torch.zeros(batch.latents.shape[0], 1, *batch.latents.shape[-2:])
+            yield dataclasses.replace(batch, masks=masks)
+
+
+def test_the_loop_passes_the_batch_masks_to_the_loss(tmp_path):
+    result = train(tiny_host(), tiny_config(tmp_path, epochs=1), MaskedSource(small_source()))
+    assert result.status == "completed" and result.losses == [0.0] * len(result.losses)

@@ -17,6 +17,7 @@ whatever the masks are.
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,10 +130,15 @@ def automatic_mask(
 ) -> Image.Image | None:
     if settings.auto != "face":
         return None
-    faces = (finder or HaarFaceFinder()).find_faces(cropped)
+    faces = (finder or _default_finder()).find_faces(cropped)
     if not faces:
         return None
     return face_region(cropped.size, max(faces, key=lambda face: face.area))
+
+
+@functools.cache
+def _default_finder() -> FaceFinder:
+    return HaarFaceFinder()  # loads OpenCV's cascade once per process
 
 
 def to_latent_mask(mask: Image.Image) -> torch.Tensor:

@@ -14,7 +14,7 @@ from lib_lora_trainer.config import LR_SCHEDULERS, OPTIMIZERS, ConfigError, Trai
 from lib_lora_trainer.model.host import HostOptions
 from lib_lora_trainer.network.adapters import AdapterSpec, attached_adapters, plan_targets
 from lib_lora_trainer.training import optim
-from lib_lora_trainer.training.loop import train
+from lib_lora_trainer.training.loop import TrainingCallbacks, train
 from lib_lora_trainer.ui.form import SPECS
 from tests.engine.helpers import tiny_config, tiny_host
 from tests.engine.test_training import CAPTIONS, small_source
@@ -353,3 +353,26 @@ def test_the_file_metadata_records_the_loss_optimizer_and_schedule_as_kohya_does
     plain = build_metadata(output_name="alice", epoch=1, steps=10, config=TrainingConfig(), run=run)
     assert plain["ss_multires_noise_iterations"] == plain["ss_ip_noise_gamma"] == "None"
     assert plain["ss_loss_type"] == "l2" and plain["ss_masked_loss"] == "False"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("schedulefree") is None, reason="schedulefree not installed")
+def test_a_schedule_free_run_saves_averaged_weights_and_trains_on_after_each_save(tmp_path, monkeypatch):
+    import lib_lora_trainer.training.loop as loop
+
+    built = []
+    monkeypatch.setattr(
+        loop, "build_optimizer", lambda *a, **k: built.append(optim.build_optimizer(*a, **k)) or built[-1]
+    )
+    modes_at_save = []
+
+    class Watcher(TrainingCallbacks):
+        def on_epoch_saved(self, saved):
+            modes_at_save.append(built[0].param_groups[0]["train_mode"])
+
+    config = tiny_config(
+        tmp_path, optimizer="AdamWScheduleFree", lr_scheduler="constant_with_warmup", lr_warmup_steps=1
+    )
+    result = train(tiny_host(), config, small_source(), Watcher())
+    assert result.status == "completed" and len(result.losses) == 4
+    assert modes_at_save == [False, False]  # saved (and sampled) with the averaged weights
+    assert built[0].param_groups[0]["train_mode"]  # and back to training after each save

@@ -111,6 +111,14 @@ class BucketedBatchSource:
             self._masks.append(self._latent_mask(planned, data, crop) if crop is not None else None)
             if progress is not None:
                 progress(index + 1, total)
+        if self.settings.masks.enabled and total and all(mask is None for mask in self._masks):
+            message = (
+                "A loss mask option is on but no image has a mask (or no face was found): "
+                "every image is learned whole"
+            )
+            logger.warning("%s", message)
+            if message not in self.warnings:
+                self.warnings.append(message)
 
     def batches_per_epoch(self) -> int:
         return self.plan.batches_per_epoch
@@ -269,6 +277,9 @@ def build_batch_source(
     if problems:
         raise DatasetError(problems)
     settings = settings_for(config, background=background)
+    folder = settings.masks.conditioning_dir
+    if settings.masks.mask_files and folder is not None and not folder.is_dir():
+        raise DatasetError([f"the mask images folder {folder} does not exist; correct it or leave it empty"])
     disk_cache = None
     if settings.disk_cache_requested and settings.latents_cacheable:
         if not vae_id.strip():

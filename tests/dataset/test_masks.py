@@ -152,3 +152,20 @@ def test_the_preview_dims_what_is_not_trained(tmp_path):
 
 def test_mask_files_are_recognised():
     assert is_mask_file(Path("photo.mask.png")) and not is_mask_file(Path("photo.png"))
+
+
+def test_a_missing_mask_folder_and_masks_found_nowhere_are_said(tmp_path):
+    import pytest
+
+    from lib_lora_trainer.dataset import DatasetError
+
+    folder = tmp_path / "train"
+    save_photo(folder / "a.png", 512, 512, seed=1, caption="alice")
+    config = config_for(folder, masked_loss=True, conditioning_data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(DatasetError, match="mask images folder"):
+        build_batch_source(config, scan_dataset(config))
+    source, [batch] = batches(
+        config_for(folder, enable_bucket=False, flat_repeats=1, batch_size=1, masked_loss=True)
+    )
+    assert torch.equal(batch.masks, torch.ones(1, 1, 64, 64))
+    assert any("no image has a mask" in warning for warning in source.warnings)

@@ -246,6 +246,7 @@ def _rates(name: str) -> dict:
 def test_bitsandbytes_is_not_installed_here_and_its_optimizers_say_so():
     if importlib.util.find_spec("bitsandbytes") is not None:
         pytest.skip("bitsandbytes is installed")
+    assert set(SPECS["optimizer"].choices) == {name for name in OPTIMIZERS if optim.is_available(name)}
     for name in ("AdamW8bit", "PagedAdamW8bit", "Lion8bit"):
         assert name not in SPECS["optimizer"].choices
         with pytest.raises(optim.OptimizerUnavailable, match="pip install --no-deps bitsandbytes"):

@@ -19,7 +19,16 @@ from typing import Any
 from lib_lora_trainer.file_types import caption_extension_problem
 from lib_lora_trainer.files import atomic_write_text, read_text_file
 
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy")
+OPTIMIZERS = (
+    "AdamW",
+    "AdamW8bit",
+    "Adafactor",
+    "Prodigy",
+    "PagedAdamW8bit",
+    "Lion8bit",
+    "Lion",
+    "AdamWScheduleFree",
+)
 LR_SCHEDULERS = (
     "constant",
     "constant_with_warmup",
@@ -27,7 +36,16 @@ LR_SCHEDULERS = (
     "cosine",
     "cosine_with_restarts",
     "polynomial",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+    "piecewise_constant",
 )
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+AUTO_MASKS = ("none", "face")  # "face": a soft head-and-shoulders region around the detected face
+# Prodigy estimates the step size itself; its learning rate is a multiplier on that estimate (about 1).
+PRODIGY_LR_RANGE = (0.1, 10.0)
+SCHEDULE_FREE_OPTIMIZERS = ("AdamWScheduleFree",)
 NETWORK_TYPES = ("lora", "locon")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
@@ -125,6 +143,30 @@ class TrainingConfig:
     save_last_n_steps: int = 0  # > 0: keep only the step files of the last N steps this run wrote
     save_state_every_n_steps: int = 0  # training state for Resume; 0 = about every 5 minutes of work
     save_last_n_states: int = 2  # training states kept (the newest ones)
+    # --- loss shaping, masks, optimizer and schedule options (kohya's names) -------------------
+    loss_type: str = "l2"  # l2, l1, huber, smooth_l1
+    huber_schedule: str = "snr"  # constant, exponential, snr (how huber_c changes over timesteps)
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    debiased_estimation_loss: bool = False
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float = 0.0  # 0 = off; needs noise_offset
+    multires_noise_iterations: int = 0  # 0 = off; 6-10 usual
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float = 0.0  # 0 = off; 0.1 usual
+    ip_noise_gamma_random_strength: bool = False
+    min_timestep: int = 0
+    max_timestep: int = 1000  # exclusive
+    zero_terminal_snr: bool = False  # needs v-prediction
+    masked_loss: bool = False  # mask images: NAME.mask.png beside the picture, or conditioning_data_dir
+    alpha_mask: bool = False  # the picture's own alpha channel is the mask
+    conditioning_data_dir: str = ""  # kohya's folder of mask images named like the pictures
+    auto_mask: str = "none"  # "face": images without a mask get one around the detected face
+    optimizer_args: str = ""  # kohya style: "betas=0.9,0.99 eps=1e-8"
+    prodigy_d_coef: float = 1.0
+    prodigy_safeguard_warmup: bool = False
+    prodigy_use_bias_correction: bool = False
+    lr_scheduler_args: str = ""  # e.g. "min_lr_rate=0.1" (cosine_with_min_lr)
 
     # --- samples --------------------------------------------------------------------------------
     sample_every_n_epochs: int = 1
@@ -261,6 +303,31 @@ def output_name_problem(name: str) -> str | None:
     return None
 
 
+def parse_arguments(text: str) -> dict[str, Any]:
+    """kohya's ``optimizer_args``/``lr_scheduler_args``: ``key=value`` items separated by spaces; a value
+    is a Python literal (``0.9,0.99`` is a tuple, ``True``/``true`` a bool) or else text. Raises
+    ValueError with a sentence for an item that is not ``key=value``."""
+    import ast
+
+    parsed: dict[str, Any] = {}
+    for item in text.replace("\n", " ").split():
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier() or not raw:
+            raise ValueError(f"{item!r} is not key=value (e.g. weight_decay=0.1 betas=0.9,0.99)")
+        if key in parsed:
+            raise ValueError(f"{key} is given twice")
+        lowered = raw.lower()
+        if lowered in ("true", "false"):
+            parsed[key] = lowered == "true"
+            continue
+        try:
+            parsed[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            parsed[key] = raw
+    return parsed
+
+
 def validate(config: TrainingConfig, *, need_dataset: bool = True) -> list[str]:
     """Every problem with ``config`` as a sentence a user understands; empty when it is usable."""
     problems, config = _value_problems(config)
@@ -361,6 +428,92 @@ def validate(config: TrainingConfig, *, need_dataset: bool = True) -> list[str]:
         check(getattr(config, name) >= 0, f"{name} must not be negative (0 = off)")
     check(config.save_state_every_n_steps >= 0, "save state every N steps must not be negative (0 = auto)")
     check(config.save_last_n_states >= 1, "keep at least 1 training state (save_last_n_states)")
+    problems += _loss_and_optimizer_problems(config)
+    return problems
+
+
+def _loss_and_optimizer_problems(config: TrainingConfig) -> list[str]:
+    """Loss shaping, masks, and every optimizer x schedule pair the form offers (refused here, before the
+    model is touched, when it cannot run)."""
+    problems: list[str] = []
+
+    def check(condition: bool, message: str) -> None:
+        if not condition:
+            problems.append(message)
+
+    check(config.loss_type in LOSS_TYPES, f"loss type must be one of {', '.join(LOSS_TYPES)}")
+    check(
+        config.huber_schedule in HUBER_SCHEDULES,
+        f"Huber schedule must be one of {', '.join(HUBER_SCHEDULES)}",
+    )
+    check(config.huber_c > 0, "huber_c must be greater than 0 (0.1 is usual)")
+    if config.huber_schedule in ("exponential", "snr"):
+        check(config.huber_c <= 1, f"huber_c must be at most 1 with the {config.huber_schedule} schedule")
+    check(config.huber_scale > 0, "huber_scale must be greater than 0 (1 is usual)")
+    check(
+        config.adaptive_noise_scale == 0 or config.noise_offset > 0,
+        "adaptive noise scale needs a noise offset; set a noise offset (e.g. 0.05) or adaptive scale 0",
+    )
+    check(config.multires_noise_iterations >= 0, "multires noise iterations must not be negative (0 = off)")
+    check(0 < config.multires_noise_discount <= 1, "multires noise discount must be in (0, 1] (0.3 is usual)")
+    check(config.ip_noise_gamma >= 0, "ip noise gamma must not be negative (0 = off, 0.1 is usual)")
+    check(
+        0 <= config.min_timestep < config.max_timestep <= 1000,
+        f"timesteps must satisfy 0 <= min_timestep < max_timestep <= 1000, got {config.min_timestep} and "
+        f"{config.max_timestep}",
+    )
+    check(
+        not config.zero_terminal_snr or config.parameterization == "v",
+        "zero terminal SNR needs v-prediction (the last step is pure noise, which an eps model cannot "
+        "learn from); set Prediction type to v or switch zero terminal SNR off",
+    )
+    check(config.auto_mask in AUTO_MASKS, f"automatic mask must be one of {', '.join(AUTO_MASKS)}")
+
+    for field_name, label in (
+        ("optimizer_args", "optimizer arguments"),
+        ("lr_scheduler_args", "scheduler arguments"),
+    ):
+        try:
+            parse_arguments(getattr(config, field_name))
+        except ValueError as error:
+            problems.append(f"{label}: {error}")
+    check(config.prodigy_d_coef > 0, "Prodigy d_coef must be greater than 0 (1 is usual)")
+
+    warmup = config.lr_warmup_steps > 0
+    check(
+        not (config.lr_scheduler == "constant" and warmup),
+        "the constant schedule has no warmup (kohya refuses it too); choose constant_with_warmup, or set "
+        "warmup steps to 0",
+    )
+    relative = config.optimizer == "Adafactor" and config.adafactor_relative_step
+    check(
+        not relative or (config.lr_scheduler == "constant" and not warmup),
+        "Adafactor's relative step sets its own learning rate over time; choose the constant schedule with "
+        "no warmup, or switch relative step off",
+    )
+    if config.optimizer in SCHEDULE_FREE_OPTIMIZERS:
+        check(
+            config.lr_scheduler in ("constant", "constant_with_warmup"),
+            f"{config.optimizer} replaces the schedule (its own warmup is the warmup steps); choose "
+            "constant or constant_with_warmup",
+        )
+    if config.optimizer == "Prodigy":
+        low, high = PRODIGY_LR_RANGE
+        rates = [("UNet", config.unet_lr)]
+        if config.train_text_encoder:
+            rates.append(("text encoder", config.text_encoder_lr))
+        for name, rate in rates:
+            check(
+                rate == 0 or low <= rate <= high,
+                f"Prodigy finds the step size itself and its {name} learning rate is a multiplier on it: "
+                f"set it to about 1.0 (between {low} and {high}), not {rate}",
+            )
+        nonzero = {rate for _, rate in rates if rate}
+        check(
+            len(nonzero) <= 1,
+            "Prodigy needs the same learning rate for the UNet and the text encoder (or 0 for one of them); "
+            "set both to 1.0",
+        )
     return problems
 
 
@@ -394,7 +547,7 @@ FLOAT_LIMITS: dict[str, float] = {"lr_warmup_steps": 1e9}
 # prompts: 64 KiB each is far more than any comment or prompt needs.
 MAX_TEXT_BYTES = 64 * 1024
 MAX_PATH_BYTES = 4096
-PATH_FIELDS = ("output_dir", "train_data_dir", "reg_data_dir", "network_weights")
+PATH_FIELDS = ("output_dir", "train_data_dir", "reg_data_dir", "network_weights", "conditioning_data_dir")
 
 
 def _value_problems(config: TrainingConfig) -> tuple[list[str], TrainingConfig]:

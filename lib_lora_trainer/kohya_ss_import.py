@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from lib_lora_trainer.config import (
+    HUBER_SCHEDULES,
+    LOSS_TYPES,
     LR_SCHEDULERS,
     OPTIMIZERS,
     ConfigError,
@@ -134,7 +136,6 @@ _UNSUPPORTED_REASONS: dict[str, str] = {
     "max_token_length": "captions are read up to 75 tokens",
     "dim_from_weights": "set the rank to the rank of the network_weights file yourself",
     "additional_parameters": "raw sd-scripts arguments cannot be applied",
-    "masked_loss": "masked loss is not supported",
 }
 
 _IGNORED_WITH_REASON: dict[str, str] = {
@@ -422,6 +423,20 @@ def migrate_old_fields(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]
 _MISSING = object()
 
 
+_FIELD_KINDS = {
+    "huber_c": "float",
+    "huber_scale": "float",
+    "min_timestep": "int",
+    "max_timestep": "int",
+    "ip_noise_gamma": "float",
+    "ip_noise_gamma_random_strength": "bool",
+    "debiased_estimation_loss": "bool",
+    "zero_terminal_snr": "bool",
+    "masked_loss": "bool",
+    "alpha_mask": "bool",
+}
+
+
 def _safe_bool(value: Any) -> bool:
     try:
         return _as_bool(value)
@@ -513,6 +528,7 @@ class _Importer:
         self.resolution()
         self.precision()
         self.noise()
+        self.loss_shaping()
         self.samples()
         self.remaining()
         self.superseded()
@@ -637,19 +653,27 @@ class _Importer:
                 self.ignore("optimizer_args", args, "empty")
             return
         tokens = str(args).replace('"', "").replace("'", "").split() if isinstance(args, str) else list(args)
+        passed_on: list[str] = []  # arguments without a field of ours go to optimizer_args as they are
+        own_fields = {
+            "weight_decay": ("weight_decay", _as_float),
+            "relative_step": ("adafactor_relative_step", _as_bool),
+            "d_coef": ("prodigy_d_coef", _as_float),
+            "safeguard_warmup": ("prodigy_safeguard_warmup", _as_bool),
+            "use_bias_correction": ("prodigy_use_bias_correction", _as_bool),
+        }
         for token in tokens:
             key, _, value = str(token).partition("=")
             key = key.strip()
             try:
-                if key == "weight_decay":
-                    self.set("weight_decay", _as_float(value), "optimizer_args weight_decay")
-                elif key == "relative_step":
-                    self.set("adafactor_relative_step", _as_bool(value), "optimizer_args relative_step")
+                if key in own_fields:
+                    our_field, convert = own_fields[key]
+                    self.set(our_field, convert(value), f"optimizer_args {key}")
                 else:
-                    reason = "the trainer's own optimizer defaults are used"
-                    self.unsupported(f"optimizer_args {key}", value, reason)
+                    passed_on.append(f"{key}={value.strip()}")
             except ValueError as error:
                 self.report_problem("optimizer_args", f"optimizer_args {token!r}: {error}")
+        if passed_on:
+            self.set("optimizer_args", " ".join(passed_on), "optimizer_args (checked before training)")
 
     def scheduler(self) -> None:
         name = self.take("lr_scheduler")
@@ -667,7 +691,12 @@ class _Importer:
             self.set("lr_scheduler_num_cycles", max(cycles, 1), "lr_scheduler_num_cycles")
         lr_args = self.take("lr_scheduler_args")
         if lr_args:
-            self.unsupported("lr_scheduler_args", lr_args, "extra scheduler arguments are not supported")
+            text = lr_args if isinstance(lr_args, str) else " ".join(str(item) for item in lr_args)
+            self.set(
+                "lr_scheduler_args",
+                " ".join(text.replace('"', "").replace("'", "").split()),
+                "lr_scheduler_args",
+            )
         elif "lr_scheduler_args" in self.data:
             self.ignore("lr_scheduler_args", lr_args, "empty")
         percent = self.convert("lr_warmup", "float") or 0.0
@@ -686,6 +715,13 @@ class _Importer:
             self.set("lr_warmup_steps", fraction, "lr_warmup (percent of all steps)")
         elif "lr_warmup" in self.data or "lr_warmup_steps" in self.data:
             self.set("lr_warmup_steps", 0.0, "lr_warmup")
+        if self.values["lr_scheduler"] == "constant" and self.values["lr_warmup_steps"] > 0:
+            # sd-scripts refuses a warmup with "constant"; the warmup is dropped, not silently added.
+            self.set("lr_warmup_steps", 0.0, "lr_scheduler = constant (no warmup)")
+            self.result.notes.append(
+                "the constant schedule has no warmup (sd-scripts refuses one); the warmup was set to 0 — "
+                "choose constant_with_warmup to keep it"
+            )
 
     def length(self) -> None:
         epochs = self.convert("epoch", "int")
@@ -775,21 +811,55 @@ class _Importer:
         kind = self.take("noise_offset_type")
         offset = self.convert("noise_offset", "float")
         if kind == "Multires":
-            iterations = self.take("multires_noise_iterations")
-            discount = self.take("multires_noise_discount")
-            if iterations and not _is_neutral("multires_noise_iterations", iterations):
-                reason = f"multires noise is not supported ({iterations} iterations, discount {discount})"
-                self.unsupported("noise_offset_type", kind, reason)
+            iterations = self.convert("multires_noise_iterations", "int")
+            discount = self.convert("multires_noise_discount", "float")
+            if iterations:
+                self.set("multires_noise_iterations", iterations, "multires_noise_iterations")
+                if discount is not None:
+                    self.set("multires_noise_discount", discount, "multires_noise_discount")
+                self.result.read_from.add("noise_offset_type")
             else:
                 self.ignore("noise_offset_type", kind, "multires noise with 0 iterations is off")
-            if offset:
-                self.ignore("noise_offset", offset, "kohya_ss only uses it with noise_offset_type Original")
+            for key in ("noise_offset", "adaptive_noise_scale", "noise_offset_random_strength"):
+                if self.take(key):
+                    self.ignore(key, self.data[key], "kohya_ss only uses it with noise_offset_type Original")
             return
         if kind not in (None, "Original"):
             self.unsupported("noise_offset_type", kind, "only the original noise offset is supported")
             return
         if offset is not None:
             self.set("noise_offset", offset, "noise_offset")
+        adaptive = self.convert("adaptive_noise_scale", "float")
+        if adaptive and offset:
+            self.set("adaptive_noise_scale", adaptive, "adaptive_noise_scale")
+        elif adaptive:
+            self.ignore("adaptive_noise_scale", adaptive, "only used together with noise_offset")
+        random_strength = self.convert("noise_offset_random_strength", "bool")
+        if random_strength is not None:
+            self.set("noise_offset_random_strength", random_strength, "noise_offset_random_strength")
+
+    def loss_shaping(self) -> None:
+        """Loss type and Huber schedule, timesteps, input perturbation, zero terminal SNR, masks."""
+        for key in (
+            "huber_c", "huber_scale", "min_timestep", "max_timestep", "ip_noise_gamma",
+            "ip_noise_gamma_random_strength", "debiased_estimation_loss", "zero_terminal_snr", "masked_loss",
+            "alpha_mask",
+        ):  # fmt: skip
+            kind = _FIELD_KINDS[key]
+            value = self.convert(key, kind)
+            if value is not None and key not in self.problem_keys:
+                self.set(key, value, key)
+        for key, choices in (("loss_type", LOSS_TYPES), ("huber_schedule", HUBER_SCHEDULES)):
+            value = self.take(key)
+            if value is None or value == "":
+                continue
+            if value in choices:
+                self.set(key, value, key)
+            else:
+                self.unsupported(key, value, f"available here: {', '.join(choices)}")
+        folder = self.take("conditioning_data_dir")
+        if isinstance(folder, str) and folder.strip():
+            self.set("conditioning_data_dir", folder.strip(), "conditioning_data_dir (mask images)")
 
     def samples(self) -> None:
         prompts = self.take("sample_prompts")

@@ -64,7 +64,7 @@ def test_bad_json_file_is_explained(tmp_path):
     [
         ("network_dim", 0, "rank"),
         ("unet_lr", -1.0, "must not be negative"),
-        ("optimizer", "Lion", "unknown optimizer"),
+        ("optimizer", "DAdaptLion", "unknown optimizer"),
         ("lr_scheduler", "cosine_forever", "unknown LR scheduler"),
         ("resolution", 500, "multiple of 64"),
         ("output_name", "..", "'..'"),

@@ -171,8 +171,8 @@ def test_new_file_every_key_is_applied_or_reported() -> None:
     assert config.sample_prompts == ["a painting of alice_chr, red scarf", "alice_chr smiling"]
     assert config.sample_sampler == "Euler a"
     unsupported = {item.key: item for item in result.unsupported}
-    assert set(unsupported) == {"noise_offset_type", "sample_every_n_steps"}
-    assert "8 iterations" in unsupported["noise_offset_type"].reason
+    assert set(unsupported) == {"sample_every_n_steps"}
+    assert (config.multires_noise_iterations, config.multires_noise_discount) == (8, 0.2)
     assert config.noise_offset == TrainingConfig().noise_offset, "kohya_ss ignores it with Multires noise"
     ignored = {item.key: item.reason for item in result.ignored}
     assert "checkpoint loaded in the WebUI" in ignored["pretrained_model_name_or_path"]
@@ -227,10 +227,9 @@ def test_adafactor_options_and_scheduler() -> None:
     assert config.weight_decay == 0.1
     assert config.adafactor_relative_step is True  # the 'adafactor' scheduler means relative steps
     assert config.lr_scheduler == "constant"
-    assert {item.key for item in result.unsupported} == {
-        "optimizer_args scale_parameter",
-        "optimizer_args warmup_init",
-    }
+    assert result.unsupported == []
+    # arguments without a field of their own are passed to the optimizer (checked before training)
+    assert config.optimizer_args == "scale_parameter=False warmup_init=False"
 
 
 def test_unsupported_network_optimizer_and_model_family_are_reported_not_applied() -> None:
@@ -238,7 +237,7 @@ def test_unsupported_network_optimizer_and_model_family_are_reported_not_applied
     result = import_kohya_ss_config(
         {
             "LoRA_type": "LyCORIS/LoHa",
-            "optimizer": "Lion",
+            "optimizer": "DAdaptLion",
             "lr_scheduler": "rex",
             "sdxl": True,
             "network_dropout": 0.1,
@@ -424,3 +423,56 @@ def test_length_in_steps_and_saving_by_steps_are_mapped() -> None:
     assert "always saved" in {item.key: item.reason for item in result.ignored}["save_state"]
     overridden = import_kohya_ss_config({"max_train_steps": 1600, "max_train_epochs": 4}, TrainingConfig())
     assert (overridden.config.max_train_steps, overridden.config.epochs) == (0, 4)
+def test_loss_noise_mask_optimizer_and_schedule_options_are_applied() -> None:
+    result = import_kohya_ss_config(
+        {
+            "loss_type": "huber",
+            "huber_schedule": "exponential",
+            "huber_c": 0.2,
+            "huber_scale": 1.5,
+            "debiased_estimation_loss": True,
+            "min_timestep": 100,
+            "max_timestep": 900,
+            "ip_noise_gamma": 0.1,
+            "ip_noise_gamma_random_strength": True,
+            "noise_offset_type": "Original",
+            "noise_offset": 0.05,
+            "adaptive_noise_scale": 0.01,
+            "noise_offset_random_strength": True,
+            "masked_loss": True,
+            "optimizer": "Prodigy",
+            "learning_rate": 1.0,
+            "unet_lr": 1.0,
+            "text_encoder_lr": 1.0,
+            "optimizer_args": "d_coef=2 use_bias_correction=True safeguard_warmup=True decouple=True",
+            "lr_scheduler": "cosine_with_min_lr",
+            "lr_scheduler_args": "min_lr_rate=0.1",
+        }
+    )
+    config = result.config
+    assert (config.loss_type, config.huber_schedule, config.huber_c, config.huber_scale) == (
+        "huber",
+        "exponential",
+        0.2,
+        1.5,
+    )
+    assert config.debiased_estimation_loss and config.masked_loss
+    assert (config.min_timestep, config.max_timestep) == (100, 900)
+    assert (config.ip_noise_gamma, config.ip_noise_gamma_random_strength) == (0.1, True)
+    assert (config.noise_offset, config.adaptive_noise_scale, config.noise_offset_random_strength) == (
+        0.05,
+        0.01,
+        True,
+    )
+    assert config.optimizer == "Prodigy" and config.prodigy_d_coef == 2.0
+    assert config.prodigy_use_bias_correction and config.prodigy_safeguard_warmup
+    assert config.optimizer_args == "decouple=True"
+    assert (config.lr_scheduler, config.lr_scheduler_args) == ("cosine_with_min_lr", "min_lr_rate=0.1")
+    assert result.unsupported == [] and result.problems == []
+
+
+def test_a_constant_schedule_with_warmup_drops_the_warmup_with_a_note() -> None:
+    result = import_kohya_ss_config({"lr_scheduler": "constant", "lr_warmup_steps": 100})
+    assert result.config.lr_warmup_steps == 0
+    assert any("constant schedule has no warmup" in note for note in result.notes)
+    assert result.problems == []

@@ -23,6 +23,7 @@ class TrainingBatch:
     latents: torch.Tensor  # (B, 4, H/8, W/8), already multiplied by the VAE scale factor
     captions: Sequence[str]
     loss_weights: torch.Tensor  # (B,), 1.0 for training images, the prior-loss weight for reg images
+    masks: torch.Tensor | None = None  # (B, 1, H/8, W/8) in [0, 1]: where the loss counts (masked loss)
 
 
 class BatchSource(Protocol):

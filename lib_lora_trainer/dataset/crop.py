@@ -139,7 +139,8 @@ def preview_crop(
     face_finder: FaceFinder | None = None,
     background: tuple[int, int, int] = DEFAULT_BACKGROUND,
 ) -> Image.Image:
-    """The image exactly as training will see it (bucket and crop from ``config``), for the UI.
+    """The image exactly as training will see it (bucket and crop from ``config``), for the UI; with a
+    loss mask option on, what the mask leaves out is dimmed.
 
     Raises :class:`~lib_lora_trainer.dataset.images.ImageLoadError` with a readable reason for a
     file that cannot be used.
@@ -147,7 +148,16 @@ def preview_crop(
     choice = bucketer_for(config).select(*read_size(image_path))
     loaded = load_image(image_path, background=background, draft_size=choice.resized)
     finder = face_finder_for(config, face_finder)
-    return crop_to_bucket(loaded.image, choice, face_finder=finder).image
+    crop = crop_to_bucket(loaded.image, choice, face_finder=finder)
+    from lib_lora_trainer.dataset import masks  # masks builds on this module
+
+    settings = masks.mask_settings_for(config)
+    if not settings.enabled:
+        return crop.image
+    path = Path(image_path)
+    size = (loaded.image.width, loaded.image.height)
+    mask = masks.cropped_mask(path, path.read_bytes(), size, crop, choice.resized, settings, face_finder)
+    return masks.overlay(crop.image, mask)  # what is not trained is dimmed
 
 
 def bucketer_for(config: TrainingConfig) -> Bucketer:

@@ -26,6 +26,7 @@ from lib_lora_trainer.dataset.images import (
     is_image_file,
     probe_image,
 )
+from lib_lora_trainer.dataset.masks import is_mask_file  # photo.mask.png is a loss mask, not a picture
 from lib_lora_trainer.file_types import caption_extension_problem, skipped_image_reason
 from lib_lora_trainer.files import remove_stale_temporaries
 
@@ -186,7 +187,7 @@ def _is_dir(path: Path) -> bool:
 
 
 def _list_images(folder: Path, result: ScannedDataset) -> list[Path]:
-    return [path for path in _entries(folder, result) if _is_image(path)]
+    return [path for path in _entries(folder, result) if _is_image(path) and not is_mask_file(path)]
 
 
 def _is_image(path: Path) -> bool:

@@ -22,7 +22,7 @@ from PIL import Image
 from lib_lora_trainer.config import TrainingConfig, validate_for_dataset
 from lib_lora_trainer.dataset.base import TrainingBatch, check_finite_latents
 from lib_lora_trainer.dataset.caption_processing import CaptionAugmentation, augment_caption
-from lib_lora_trainer.dataset.crop import FaceFinder, crop_to_bucket, face_finder_for
+from lib_lora_trainer.dataset.crop import CropResult, FaceFinder, crop_to_bucket, face_finder_for
 from lib_lora_trainer.dataset.images import DEFAULT_BACKGROUND, ImageLoadError, load_image
 from lib_lora_trainer.dataset.latent_cache import (
     FLIPPED_KEY,
@@ -31,6 +31,7 @@ from lib_lora_trainer.dataset.latent_cache import (
     content_hash,
     default_cache_dir,
 )
+from lib_lora_trainer.dataset.masks import MaskSettings, cropped_mask, mask_settings_for, to_latent_mask
 from lib_lora_trainer.dataset.plan import EpochPlan, PlannedImage, plan_epoch
 from lib_lora_trainer.dataset.scan import ScannedDataset
 
@@ -61,6 +62,7 @@ class SourceSettings:
     captions: CaptionAugmentation = CaptionAugmentation()
     background: tuple[int, int, int] = DEFAULT_BACKGROUND
     disk_cache_requested: bool = False
+    masks: MaskSettings = MaskSettings()
 
     @property
     def latents_cacheable(self) -> bool:
@@ -88,23 +90,35 @@ class BucketedBatchSource:
         self._latents: list[torch.Tensor] = []
         self._flipped: list[torch.Tensor | None] = []
         self._pixels: list[np.ndarray] = []
+        self._masks: list[torch.Tensor | None] = []  # (1, h, w) at latent size; None = trained everywhere
 
     # --- BatchSource ----------------------------------------------------------------------------
     def prepare(self, encode: Encode, progress: ProgressCallback | None = None) -> None:
         self._encode = encode
-        self._latents, self._flipped, self._pixels = [], [], []
+        self._latents, self._flipped, self._pixels, self._masks = [], [], [], []
         self.cache_hits = 0
         total = len(self.plan.images)
         for index, planned in enumerate(self.plan.images):
             data = _read_image_bytes(planned)
+            # Masks are recomputed here every time (never cached), so the crop is needed even on a hit.
+            crop = self._crop(planned, data) if self.settings.masks.enabled else None
             if self.settings.latents_cacheable:
-                latent, flipped = self._cached_or_encoded(planned, data, encode)
+                latent, flipped = self._cached_or_encoded(planned, data, encode, crop)
                 self._latents.append(latent)
                 self._flipped.append(flipped)
             else:
-                self._pixels.append(np.asarray(self._cropped(planned, data)))
+                self._pixels.append(np.asarray((crop or self._crop(planned, data)).image))
+            self._masks.append(self._latent_mask(planned, data, crop) if crop is not None else None)
             if progress is not None:
                 progress(index + 1, total)
+        if self.settings.masks.enabled and total and all(mask is None for mask in self._masks):
+            message = (
+                "A loss mask option is on but no image has a mask (or no face was found): "
+                "every image is learned whole"
+            )
+            logger.warning("%s", message)
+            if message not in self.warnings:
+                self.warnings.append(message)
 
     def batches_per_epoch(self) -> int:
         return self.plan.batches_per_epoch
@@ -161,7 +175,29 @@ class BucketedBatchSource:
         else:
             latents = self._encode_pixels(chosen, flips, rng)
         weights = torch.tensor([self.plan.images[i].loss_weight for i in chosen], dtype=torch.float32)
-        return TrainingBatch(latents=latents, captions=captions, loss_weights=weights)
+        masks = self._batch_masks(chosen, flips, latents) if self.settings.masks.enabled else None
+        return TrainingBatch(latents=latents, captions=captions, loss_weights=weights, masks=masks)
+
+    def _batch_masks(self, chosen: list[int], flips: list[bool], latents: torch.Tensor) -> torch.Tensor:
+        """(B, 1, h, w): each image's mask, mirrored with its image; all ones for an image without one."""
+        masks = []
+        for index, flip in zip(chosen, flips, strict=True):
+            mask = self._masks[index]
+            if mask is None:
+                mask = torch.ones(1, *latents.shape[-2:])
+            masks.append(mask.flip(-1) if flip else mask)
+        return torch.stack(masks)
+
+    def _latent_mask(self, planned: PlannedImage, data: bytes, crop: CropResult) -> torch.Tensor | None:
+        record = planned.record
+        try:
+            mask = cropped_mask(
+                record.path, data, (record.width, record.height), crop, planned.choice.resized,
+                self.settings.masks, self.face_finder,
+            )  # fmt: skip
+        except OSError as error:
+            raise DatasetError([f"the mask of {record.path.name} cannot be read ({error})"]) from error
+        return None if mask is None else to_latent_mask(mask)
 
     def _encode_pixels(self, chosen: list[int], flips: list[bool], rng: random.Random) -> torch.Tensor:
         pixels = []
@@ -177,6 +213,9 @@ class BucketedBatchSource:
             return self._encode(torch.stack(pixels)).float().cpu()
 
     def _cropped(self, planned: PlannedImage, data: bytes) -> Image.Image:
+        return self._crop(planned, data).image
+
+    def _crop(self, planned: PlannedImage, data: bytes) -> CropResult:
         try:
             loaded = load_image(
                 planned.record.path,
@@ -191,10 +230,10 @@ class BucketedBatchSource:
             raise DatasetError(
                 [f"{planned.record.path.name} changed shape since the dataset was scanned; scan it again"]
             )
-        return crop_to_bucket(loaded.image, planned.choice, face_finder=self.face_finder).image
+        return crop_to_bucket(loaded.image, planned.choice, face_finder=self.face_finder)
 
     def _cached_or_encoded(
-        self, planned: PlannedImage, data: bytes, encode: Encode
+        self, planned: PlannedImage, data: bytes, encode: Encode, crop: CropResult | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         need_flipped = self.settings.flip_aug
         key = None
@@ -204,7 +243,9 @@ class BucketedBatchSource:
             if cached is not None and all(bool(torch.isfinite(t).all()) for t in cached.values()):
                 self.cache_hits += 1
                 return cached[LATENT_KEY].float(), cached[FLIPPED_KEY].float() if need_flipped else None
-        pixels = _to_model_pixels(np.asarray(self._cropped(planned, data)))
+        pixels = _to_model_pixels(
+            np.asarray(crop.image if crop is not None else self._cropped(planned, data))
+        )
         batch = torch.stack([pixels, pixels.flip(-1)]) if need_flipped else pixels[None]
         with torch.no_grad():
             encoded = encode(batch).float().cpu()
@@ -252,6 +293,9 @@ def build_batch_source(
     if problems:
         raise DatasetError(problems)
     settings = settings_for(config, background=background)
+    folder = settings.masks.conditioning_dir
+    if settings.masks.mask_files and folder is not None and not folder.is_dir():
+        raise DatasetError([f"the mask images folder {folder} does not exist; correct it or leave it empty"])
     disk_cache = None
     if settings.disk_cache_requested and settings.latents_cacheable:
         if not vae_id.strip():
@@ -277,6 +321,7 @@ def settings_for(
         ),
         background=background,
         disk_cache_requested=config.cache_latents_to_disk,
+        masks=mask_settings_for(config),
     )
 
 

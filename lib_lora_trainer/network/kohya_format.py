@@ -420,6 +420,7 @@ def build_metadata(
         **_session_metadata(stem, run),
         **_network_metadata(config),
         **_optimisation_metadata(config, run),
+        **_loss_shaping_metadata(config),
         **_dataset_metadata(config, run),
         **_base_model_metadata(run),
         "ss_epoch": str(epoch),
@@ -492,16 +493,39 @@ def _optimisation_metadata(config: TrainingConfig, run: TrainingRunInfo) -> dict
         "ss_min_snr_gamma": str(config.min_snr_gamma) if config.min_snr_gamma > 0 else "None",
         "ss_prior_loss_weight": str(config.prior_loss_weight),
         "ss_v_parameterization": str(run.parameterization == "v"),
-        "ss_zero_terminal_snr": "False",
-        "ss_multires_noise_iterations": "None",
-        "ss_adaptive_noise_scale": "None",
         "ss_scale_weight_norms": "None",
-        "ss_ip_noise_gamma": "None",
-        "ss_debiased_estimation": "False",
-        "ss_loss_type": "l2",
         "ss_fp8_base": "False",
         "ss_training_comment": config.training_comment,
     }
+
+
+def _loss_shaping_metadata(config: TrainingConfig) -> dict[str, str]:
+    """The loss, noise, timestep and mask options as kohya's train_network.py writes them (an option that
+    is off is "None")."""
+
+    def when(value: float) -> str:
+        return str(value) if value else "None"
+
+    metadata = {
+        "ss_loss_type": config.loss_type,
+        "ss_huber_schedule": config.huber_schedule,
+        "ss_huber_c": str(config.huber_c),
+        "ss_huber_scale": str(config.huber_scale),
+        "ss_noise_offset_random_strength": str(config.noise_offset_random_strength),
+        "ss_adaptive_noise_scale": when(config.adaptive_noise_scale),
+        "ss_multires_noise_iterations": when(config.multires_noise_iterations),
+        "ss_multires_noise_discount": str(config.multires_noise_discount),
+        "ss_ip_noise_gamma": when(config.ip_noise_gamma),
+        "ss_ip_noise_gamma_random_strength": str(config.ip_noise_gamma_random_strength),
+        "ss_min_timestep": str(config.min_timestep),
+        "ss_max_timestep": str(config.max_timestep),
+        "ss_zero_terminal_snr": str(config.zero_terminal_snr),
+        "ss_debiased_estimation": str(config.debiased_estimation_loss),
+        "ss_masked_loss": str(config.masked_loss or config.alpha_mask or config.auto_mask != "none"),
+    }
+    if config.lr_scheduler_args:
+        metadata["ss_lr_scheduler_args"] = config.lr_scheduler_args
+    return metadata
 
 
 def _optimizer_description(config: TrainingConfig) -> str:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lib_lora_trainer.config import ConfigError, TrainingConfig, ensure_valid, validate_for_dataset
 from lib_lora_trainer.dataset.base import BatchSource, TrainingBatch
@@ -51,6 +50,7 @@ from lib_lora_trainer.training.device_settings import (
     tf32_matmul,
     to_device_async,
 )
+from lib_lora_trainer.training.loss import LossShaping
 from lib_lora_trainer.training.memory import (
     CheckpointingChoice,
     available_bytes,
@@ -63,9 +63,10 @@ from lib_lora_trainer.training.optim import (
     ParamGroup,
     build_optimizer,
     build_scheduler,
-    check_optimizer_available,
     current_learning_rates,
     describe_optimizer,
+    evaluation_weights,
+    precheck_optimizer,
 )
 from lib_lora_trainer.training.saving import RunLength, SavePolicy
 from lib_lora_trainer.training.state import (
@@ -134,7 +135,7 @@ def train(
     problems = validate_for_dataset(config, image_count) if image_count is not None else []
     if problems:
         raise ConfigError(problems)
-    check_optimizer_available(config)
+    precheck_optimizer(config)
     output_dir = Path(config.output_dir or ".")
     length = RunLength.of(config, source.batches_per_epoch())
     fingerprint = fingerprint_for(config, source.fingerprint(), host.base_model_info())
@@ -277,9 +278,11 @@ class _Run:
         self.policy = SavePolicy(config, length)
         self.state = resumed.run if resumed else RunState.new(config.seed, uuid.uuid4().int % 2**31)
         self.device = host.device
-        self.alphas_cumprod = host.alphas_cumprod().float()
         configured = config.parameterization
         self.parameterization = host.parameterization() if configured == "auto" else configured
+        self.loss_shaping = LossShaping.from_config(
+            config, host.alphas_cumprod(), self.parameterization, self.device
+        )
         self.train_text_encoder = _trains_text_encoder(config)
 
         self.unet_params = adapters.parameters("unet")
@@ -487,30 +490,10 @@ class _Run:
     def _loss(self, batch: TrainingBatch) -> torch.Tensor:
         latents = to_device_async(batch.latents, self.device, torch.float32)
         cond = self._conditioning(batch.captions)
-        noise = torch.randn_like(latents)
-        if self.config.noise_offset:
-            noise = noise + self.config.noise_offset * torch.randn(
-                latents.shape[0], latents.shape[1], 1, 1, device=self.device
-            )
-        timesteps = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), device=self.device)
-        alpha_bar = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-        noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+        noised = self.loss_shaping.noise(latents)  # draws from torch's global RNG (order: training/loss.py)
         with self.host.autocast(self.config.mixed_precision):
-            prediction = self.host.predict(noisy, timesteps, cond)
-        if self.parameterization == "v":
-            target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
-        else:
-            target = noise
-        per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        weights = to_device_async(batch.loss_weights, self.device, torch.float32)
-        if self.config.min_snr_gamma > 0:
-            weights = weights * self._min_snr_weights(alpha_bar.view(-1))
-        return (per_sample * weights).mean()
-
-    def _min_snr_weights(self, alpha_bar: torch.Tensor) -> torch.Tensor:
-        snr = alpha_bar / (1 - alpha_bar)
-        clipped = torch.clamp(snr, max=self.config.min_snr_gamma)
-        return clipped / (snr + 1) if self.parameterization == "v" else clipped / snr
+            prediction = self.host.predict(noised.noisy, noised.timesteps, cond)
+        return self.loss_shaping.loss(prediction, noised, batch.loss_weights, batch.masks)
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
@@ -638,26 +621,27 @@ class _Run:
         losses = self.state.epoch_losses
         mean_loss = sum(losses) / max(1, len(losses))
         path = self.files.output_dir / self.policy.file_name(kind, number)
-        modules = {
-            kohya_format.kohya_name(component, name): weights
-            for (component, name), weights in self.adapters.export().items()
-        }
-        try:
-            kohya_format.save_kohya_lora(
-                path,
-                modules,
-                self._metadata(path.stem),
-                self.config.save_precision,
-                overwrite=path.name in self.files.own_files,
+        with evaluation_weights(self.optimizer):  # schedule-free: save and sample the averaged weights
+            modules = {
+                kohya_format.kohya_name(component, name): weights
+                for (component, name), weights in self.adapters.export().items()
+            }
+            try:
+                kohya_format.save_kohya_lora(
+                    path,
+                    modules,
+                    self._metadata(path.stem),
+                    self.config.save_precision,
+                    overwrite=path.name in self.files.own_files,
+                )
+            except OSError as error:
+                raise _SaveFailed(self._save_failed_message(path, error)) from None
+            saved = EpochSaved(
+                epoch=self.state.epoch, step=self.state.step, mean_loss=mean_loss, path=path, kind=kind
             )
-        except OSError as error:
-            raise _SaveFailed(self._save_failed_message(path, error)) from None
-        saved = EpochSaved(
-            epoch=self.state.epoch, step=self.state.step, mean_loss=mean_loss, path=path, kind=kind
-        )
-        self.state.saved.append(saved)
-        log.info("saved %s (step %d, mean loss %.4f)", path, self.state.step, mean_loss)
-        self.callbacks.on_epoch_saved(saved)
+            self.state.saved.append(saved)
+            log.info("saved %s (step %d, mean loss %.4f)", path, self.state.step, mean_loss)
+            self.callbacks.on_epoch_saved(saved)
         for old in self.policy.to_remove(self.state.saved):
             old.path.unlink(missing_ok=True)
             self.state.saved.remove(old)

@@ -38,7 +38,16 @@ BACKWARD_HEADROOM = 1.45  # backward's own buffers: gradients of the activations
 FIXED_HEADROOM_BYTES = 448 * 1024**2  # latents, conditioning, allocator slack
 USABLE_FRACTION = 0.9
 GRADIENT_BYTES = 4  # adapters train in fp32
-OPTIMIZER_STATE_BYTES = {"AdamW": 8, "AdamW8bit": 2, "Adafactor": 4, "Prodigy": 16}
+OPTIMIZER_STATE_BYTES = {
+    "AdamW": 8,
+    "AdamW8bit": 2,
+    "PagedAdamW8bit": 2,
+    "Lion8bit": 1,
+    "Lion": 4,
+    "Adafactor": 4,
+    "Prodigy": 16,
+    "AdamWScheduleFree": 8,
+}
 
 
 @dataclass(frozen=True)

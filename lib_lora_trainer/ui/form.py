@@ -13,17 +13,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from lib_lora_trainer.config import (
+    AUTO_MASKS,
     DATASET_LAYOUTS,
     GRADIENT_CHECKPOINTING,
+    HUBER_SCHEDULES,
+    LOSS_TYPES,
     LR_SCHEDULERS,
     MIXED_PRECISIONS,
     NETWORK_TYPES,
-    OPTIMIZERS,
     PARAMETERIZATIONS,
     SAVE_PRECISIONS,
     TrainingConfig,
 )
 from lib_lora_trainer.dataset.crop import CROP_MODES
+from lib_lora_trainer.training.optim import available_optimizers
 
 # Where each field appears in the tab.
 DATASET, CAPTIONS, BASIC, ADVANCED, SAMPLES = "dataset", "captions", "basic", "advanced", "samples"
@@ -95,8 +98,10 @@ FIELDS: tuple[FieldSpec, ...] = (
        "How fast the prompt model learns; usually half the UNet rate.", minimum=0),
     _f("train_text_encoder", "Train the text encoder", "bool", BASIC,
        "Also adapt the prompt model: ties the trigger word more strongly."),
-    _f("optimizer", "Optimizer", "choice", BASIC, "AdamW is the safe default; Adafactor saves memory.",
-       choices=OPTIMIZERS),
+    _f("optimizer", "Optimizer", "choice", BASIC,
+       "AdamW is the safe default; Adafactor saves memory; Prodigy wants learning rates of about 1.0. "
+       "Optimizers whose package is not installed are not listed (see the README).",
+       choices=available_optimizers()),
     _f("lr_scheduler", "LR schedule", "choice", BASIC, "How the learning rate changes over the run.",
        choices=LR_SCHEDULERS),
     _f("lr_scheduler_num_cycles", "Restarts (cycles)", "int", BASIC,
@@ -187,6 +192,57 @@ FIELDS: tuple[FieldSpec, ...] = (
        "Less memory, 30-50% slower. auto = on only when a step would not fit in free memory.",
        choices=GRADIENT_CHECKPOINTING),
     _f("seed", "Seed", "int", ADVANCED, "Makes a run repeatable."),
+    # --- advanced: loss shaping, masks, optimizer and schedule options ----------------------------
+    _f("loss_type", "Loss", "choice", ADVANCED,
+       "l2 is standard; huber/smooth_l1 weigh outliers less (robust to odd images); l1: the plain distance.",
+       choices=LOSS_TYPES),
+    _f("huber_schedule", "Huber schedule", "choice", ADVANCED,
+       "How huber_c changes over noise levels (huber/smooth_l1 only): snr is kohya's default.",
+       choices=HUBER_SCHEDULES),
+    _f("huber_c", "Huber c", "float", ADVANCED,
+       "Where the Huber loss turns from quadratic to linear (0.1 is usual).", minimum=0),
+    _f("huber_scale", "Huber scale", "float", ADVANCED, "Scales the Huber threshold (1 = as huber_c).",
+       minimum=0),
+    _f("debiased_estimation_loss", "Debiased estimation", "bool", ADVANCED,
+       "Weights each step by 1/sqrt(SNR): less weight on nearly clean images."),
+    _f("noise_offset_random_strength", "Random noise offset strength", "bool", ADVANCED,
+       "Each step uses a random offset between 0 and the noise offset."),
+    _f("adaptive_noise_scale", "Adaptive noise scale", "float", ADVANCED,
+       "Adds this x each channel's mean brightness to the noise offset (needs a noise offset; 0 = off)."),
+    _f("multires_noise_iterations", "Multires noise iterations", "int", ADVANCED,
+       "Adds coarse noise at several scales (6-10 usual; 0 = off).", minimum=0),
+    _f("multires_noise_discount", "Multires noise discount", "float", ADVANCED,
+       "How much weaker each coarser scale is (0.3 is usual).", minimum=0, maximum=1),
+    _f("ip_noise_gamma", "Input perturbation (ip noise gamma)", "float", ADVANCED,
+       "Slightly different noise in the input than in the target (0.1 usual; 0 = off).", minimum=0),
+    _f("ip_noise_gamma_random_strength", "Random input perturbation strength", "bool", ADVANCED,
+       "Each step uses a random strength between 0 and ip noise gamma."),
+    _f("min_timestep", "Min timestep", "int", ADVANCED,
+       "Train only noise levels from here (0 = the cleanest).", minimum=0, maximum=999),
+    _f("max_timestep", "Max timestep", "int", ADVANCED,
+       "... up to here, exclusive (1000 = the noisiest).", minimum=1, maximum=1000),
+    _f("zero_terminal_snr", "Zero terminal SNR", "bool", ADVANCED,
+       "Rescale the noise schedule so the last step is pure noise (v-prediction models only)."),
+    _f("masked_loss", "Masked loss (mask images)", "bool", ADVANCED,
+       "Learn only where a mask is white: NAME.mask.png beside each picture, or the mask folder below."),
+    _f("alpha_mask", "Alpha channel as mask", "bool", ADVANCED,
+       "Learn only where a transparent picture is opaque."),
+    _f("conditioning_data_dir", "Mask images folder (kohya)", "text", ADVANCED,
+       "Optional: a folder of mask images named like the pictures (kohya's conditioning_data_dir)."),
+    _f("auto_mask", "Automatic mask", "choice", ADVANCED,
+       "face: pictures without a mask learn only a soft head-and-shoulders region around the found face.",
+       choices=AUTO_MASKS),
+    _f("optimizer_args", "Optimizer arguments", "text", ADVANCED,
+       "kohya style key=value, e.g. betas=0.9,0.99 eps=1e-8 (checked before training starts)."),
+    _f("prodigy_d_coef", "Prodigy d_coef", "float", ADVANCED,
+       "Scales Prodigy's estimated step size (1 = as estimated; 0.5 is gentler).", minimum=0),
+    _f("prodigy_safeguard_warmup", "Prodigy safeguard warmup", "bool", ADVANCED,
+       "Keeps Prodigy's estimate from overshooting during warmup (use with a warmup)."),
+    _f("prodigy_use_bias_correction", "Prodigy bias correction", "bool", ADVANCED,
+       "Adam-style bias correction of Prodigy's estimate (often used with it)."),
+    _f("lr_scheduler_args", "Schedule arguments", "text", ADVANCED,
+       "key=value for the schedule: min_lr_rate=0.1 (cosine_with_min_lr), num_decay_steps=0.2 "
+       "(warmup_stable_decay), step_rules=1:500,0.5:1000,0.1 (piecewise_constant)."),
 )  # fmt: skip
 
 FIELD_NAMES: tuple[str, ...] = tuple(spec.name for spec in FIELDS)

@@ -107,19 +107,6 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert len(result.losses) == 8  # one loss per batch
 
 
-def test_min_snr_weights_follow_the_paper():
-    from lib_lora_trainer.training.loop import _Run
-
-    run = _Run.__new__(_Run)
-    run.config = TrainingConfig(min_snr_gamma=5.0)
-    alpha_bar = torch.tensor([0.999, 0.5, 0.01])
-    snr = alpha_bar / (1 - alpha_bar)
-    run.parameterization = "eps"
-    assert torch.allclose(run._min_snr_weights(alpha_bar), torch.minimum(snr, torch.tensor(5.0)) / snr)
-    run.parameterization = "v"
-    assert torch.allclose(run._min_snr_weights(alpha_bar), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
-
-
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -96,6 +96,11 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def _optional(value: float) -> str:
+    """kohya's form of an option that is off at 0: ``None`` or the number as a float."""
+    return str(float(value)) if value > 0 else "None"
+
+
 def _number(value: float) -> str:
     """``8`` for 8.0 and ``0.5`` for 0.5: how a user writes a network argument."""
     return str(int(value)) if float(value).is_integer() else str(value)
@@ -124,8 +129,7 @@ def _network_metadata(config: TrainingConfig) -> dict[str, str]:
     args: dict[str, str] = {}
     if lycoris:
         algo = config.network_type if config.network_type in ("loha", "lokr") else "locon"
-        args["algo"] = algo
-        args["preset"] = "full" if convs else "attn-mlp"
+        args["algo"] = algo  # no "preset": the layer set is kohya's (LoCon's with the convolutions)
     if convs:
         args["conv_dim"] = _number(config.conv_dim)
         args["conv_alpha"] = _number(config.conv_alpha)
@@ -138,7 +142,7 @@ def _network_metadata(config: TrainingConfig) -> dict[str, str]:
         args["factor"] = str(config.lokr_factor)
     for name in ("rank_dropout", "module_dropout"):
         if getattr(config, name) > 0:
-            args[name] = str(getattr(config, name))
+            args[name] = str(float(getattr(config, name)))
     for name in (
         "loraplus_lr_ratio",
         "loraplus_unet_lr_ratio",
@@ -146,7 +150,7 @@ def _network_metadata(config: TrainingConfig) -> dict[str, str]:
         "block_lr_zero_threshold",
     ):
         if getattr(config, name) > 0:
-            args[name] = str(getattr(config, name))
+            args[name] = str(float(getattr(config, name)))
     for name in (
         "down_lr_weight",
         "mid_lr_weight",
@@ -162,7 +166,7 @@ def _network_metadata(config: TrainingConfig) -> dict[str, str]:
         "ss_network_module": LYCORIS_NETWORK_MODULE if lycoris else NETWORK_MODULE,
         "ss_network_dim": str(config.network_dim),
         "ss_network_alpha": str(float(config.network_alpha)),
-        "ss_network_dropout": str(config.network_dropout) if config.network_dropout > 0 else "None",
+        "ss_network_dropout": _optional(config.network_dropout),
     }
     if args:
         metadata["ss_network_args"] = _json(args)
@@ -196,7 +200,7 @@ def _optimisation_metadata(config: TrainingConfig, run: TrainingRunInfo) -> dict
         "ss_zero_terminal_snr": "False",
         "ss_multires_noise_iterations": "None",
         "ss_adaptive_noise_scale": "None",
-        "ss_scale_weight_norms": str(config.scale_weight_norms) if config.scale_weight_norms > 0 else "None",
+        "ss_scale_weight_norms": _optional(config.scale_weight_norms),
         "ss_ip_noise_gamma": "None",
         "ss_debiased_estimation": "False",
         "ss_loss_type": "l2",

@@ -83,8 +83,9 @@ def adapter_spec(config: TrainingConfig, *, train_text_encoder: bool) -> Adapter
     )
 
 
-def load_saved_network(path: str | Path) -> SavedNetwork:
-    """Read a file to continue from; a missing or unreadable one is a :class:`ConfigError`."""
+def load_saved_network(path: str | Path, config: TrainingConfig | None = None) -> SavedNetwork:
+    """Read a file to continue from; a missing one, or one of another kind than ``config`` trains, is a
+    :class:`ConfigError` (checked before the model is touched)."""
     source = Path(path)
     if not source.is_file():
         raise ConfigError([f"the LoRA to continue from, {source}, does not exist"])
@@ -94,7 +95,20 @@ def load_saved_network(path: str | Path) -> SavedNetwork:
     except json.JSONDecodeError:
         network_args = {}
     weights = {module_name_from_kohya(stem): parts for stem, parts in modules.items()}
-    return SavedNetwork(weights, {str(k): str(v) for k, v in dict(network_args).items()})
+    saved = SavedNetwork(weights, {str(k): str(v) for k, v in dict(network_args).items()})
+    if config is not None:
+        _check_same_kind(settings_from_weights(saved.weights, saved.network_args), kind_settings(config))
+    return saved
+
+
+def _check_same_kind(saved: KindSettings, wanted: KindSettings) -> None:
+    if (saved.algo, saved.dora_wd) != (wanted.algo, wanted.dora_wd):
+        raise ConfigError(
+            [
+                f"the LoRA to continue from is a {_kind_label(saved)} network, the settings say "
+                f"{_kind_label(wanted)}; set the network type (and DoRA) to the file's to continue it"
+            ]
+        )
 
 
 def plan_network(
@@ -112,13 +126,7 @@ def plan_network(
         return NetworkPlan(plan_targets(unet, text_encoder, spec), kind_settings(config), dropout)
     settings = settings_from_weights(saved.weights, saved.network_args)
     wanted = kind_settings(config)
-    if (settings.algo, settings.dora_wd) != (wanted.algo, wanted.dora_wd):
-        raise ConfigError(
-            [
-                f"the LoRA to continue from is a {_kind_label(settings)} network, the settings say "
-                f"{_kind_label(wanted)}; set the network type (and DoRA) to the file's to continue it"
-            ]
-        )
+    _check_same_kind(settings, wanted)
     settings = KindSettings(
         algo=settings.algo,
         dora_wd=settings.dora_wd,

@@ -198,7 +198,7 @@ def _refuse_existing_outputs(output_dir: Path, config: TrainingConfig) -> None:
 
 
 def _load_initial_weights(config: TrainingConfig) -> SavedNetwork | None:
-    return load_saved_network(config.network_weights) if config.network_weights else None
+    return load_saved_network(config.network_weights, config) if config.network_weights else None
 
 
 class _Run:

@@ -46,7 +46,7 @@ AUTO_MASKS = ("none", "face")  # "face": a soft head-and-shoulders region around
 # Prodigy estimates the step size itself; its learning rate is a multiplier on that estimate (about 1).
 PRODIGY_LR_RANGE = (0.1, 10.0)
 SCHEDULE_FREE_OPTIMIZERS = ("AdamWScheduleFree",)
-NETWORK_TYPES = ("lora", "locon")
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 DATASET_LAYOUTS = ("flat", "kohya")
@@ -167,6 +167,26 @@ class TrainingConfig:
     prodigy_safeguard_warmup: bool = False
     prodigy_use_bias_correction: bool = False
     lr_scheduler_args: str = ""  # e.g. "min_lr_rate=0.1" (cosine_with_min_lr)
+    # --- network kinds, dropout, LoRA+, block weights, max norm (networks) -------------------------
+    dora_wd: bool = False  # DoRA (LyCORIS' dora_wd): LoRA/LoCon with weight decomposition
+    conv_layers: bool = False  # LoHa/LoKr: also the convolutions (LoCon's layer set)
+    use_tucker: bool = False  # LoHa/LoKr: Tucker (CP) form for 3x3 convolutions
+    lokr_factor: int = -1  # LoKr Kronecker factor; -1 = near the square root
+    network_dropout: float = 0.0  # kohya: dropout on the down projection's output
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    loraplus_lr_ratio: float = 0.0  # 0 = off; the up (B) matrices get the LR times this
+    loraplus_unet_lr_ratio: float = 0.0  # 0 = loraplus_lr_ratio
+    loraplus_text_encoder_lr_ratio: float = 0.0  # 0 = loraplus_lr_ratio
+    down_lr_weight: str = ""  # 12 weights (IN00-IN11) or a preset (sine, cosine, linear, ...)
+    mid_lr_weight: str = ""
+    up_lr_weight: str = ""  # 12 weights (OUT00-OUT11) or a preset
+    block_lr_zero_threshold: float = 0.0  # blocks whose LR weight is at or below this are not trained
+    block_dims: str = ""  # 25 ranks (IN00-IN11, MID, OUT00-OUT11); "" = network_dim everywhere
+    block_alphas: str = ""
+    conv_block_dims: str = ""
+    conv_block_alphas: str = ""
+    scale_weight_norms: float = 0.0  # 0 = off; kohya's max-norm regularisation
 
     # --- samples --------------------------------------------------------------------------------
     sample_every_n_epochs: int = 1
@@ -429,6 +449,8 @@ def validate(config: TrainingConfig, *, need_dataset: bool = True) -> list[str]:
     check(config.save_state_every_n_steps >= 0, "save state every N steps must not be negative (0 = auto)")
     check(config.save_last_n_states >= 1, "keep at least 1 training state (save_last_n_states)")
     problems += _loss_and_optimizer_problems(config)
+    # --- network kinds, dropout, LoRA+, block weights, max norm (networks) ---
+    problems += network_option_problems(config)
     return problems
 
 
@@ -615,3 +637,62 @@ def ensure_valid(config: TrainingConfig, *, need_dataset: bool = True) -> Traini
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def network_option_problems(config: TrainingConfig) -> list[str]:
+    """The checks of the network kinds, dropouts, LoRA+, block weights and max norm."""
+    from lib_lora_trainer.network.blocks import block_lr_weights, block_values
+
+    problems: list[str] = []
+
+    def check(condition: bool, message: str) -> None:
+        if not condition:
+            problems.append(message)
+
+    lycoris = config.network_type in ("loha", "lokr")
+    check(
+        not (config.dora_wd and lycoris),
+        "DoRA (dora_wd) works with network type lora or locon; peft has no DoRA for LoHa or LoKr",
+    )
+    check(
+        not (config.use_tucker and not lycoris),
+        "Tucker (use_tucker) is for LoHa and LoKr; peft's LoRA/LoCon has no Tucker layer",
+    )
+    if lycoris and config.conv_layers:
+        check(config.conv_dim >= 1, f"conv rank must be at least 1, got {config.conv_dim}")
+        check(config.conv_alpha > 0, "conv alpha must be greater than 0")
+    check(
+        config.lokr_factor == -1 or config.lokr_factor >= 1,
+        f"LoKr factor must be -1 (automatic) or at least 1, got {config.lokr_factor}",
+    )
+    for name in ("network_dropout", "rank_dropout", "module_dropout"):
+        value = getattr(config, name)
+        check(0 <= value < 1, f"{name} must be at least 0 and below 1 (0 = off), got {value}")
+    check(
+        not (lycoris and config.network_dropout > 0),
+        "network_dropout (kohya's neuron dropout) is for LoRA/LoCon/DoRA; LoHa and LoKr take rank and "
+        "module dropout",
+    )
+    for name in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        value = getattr(config, name)
+        check(value >= 0 and value == value, f"{name} must not be negative (0 = off), got {value}")
+    check(config.block_lr_zero_threshold >= 0, "block_lr_zero_threshold must not be negative")
+    try:
+        block_lr_weights(config.down_lr_weight, config.mid_lr_weight, config.up_lr_weight)
+    except ValueError as error:
+        problems.append(str(error))
+    for name, integer in (
+        ("block_dims", True),
+        ("block_alphas", False),
+        ("conv_block_dims", True),
+        ("conv_block_alphas", False),
+    ):
+        try:
+            block_values(getattr(config, name), name, integer=integer)
+        except ValueError as error:
+            problems.append(str(error))
+    check(
+        config.scale_weight_norms >= 0 and config.scale_weight_norms == config.scale_weight_norms,
+        "scale_weight_norms must not be negative (0 = off; kohya suggests 1)",
+    )
+    return problems

@@ -44,6 +44,8 @@ _NETWORK_TYPES = {
     "Standard": "lora",
     "Kohya LoCon": "locon",
     "LyCORIS/LoCon": "locon",
+    "LyCORIS/LoHa": "loha",
+    "LyCORIS/LoKr": "lokr",
 }
 
 _SAVE_PRECISIONS = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
@@ -101,6 +103,29 @@ _SIMPLE_FIELDS: dict[str, tuple[str, str]] = {
     "sample_every_n_epochs": ("sample_every_n_epochs", "int"),
 }
 
+# kohya_ss GUI key: (our field, kind) for the network kinds, dropouts, LoRA+, block weights, max norm.
+_NETWORK_OPTION_FIELDS: dict[str, tuple[str, str]] = {
+    "dora_wd": ("dora_wd", "bool"),
+    "use_tucker": ("use_tucker", "bool"),
+    "use_cp": ("use_tucker", "bool"),  # LyCORIS' older name
+    "factor": ("lokr_factor", "int"),
+    "network_dropout": ("network_dropout", "float"),
+    "rank_dropout": ("rank_dropout", "float"),
+    "module_dropout": ("module_dropout", "float"),
+    "loraplus_lr_ratio": ("loraplus_lr_ratio", "float"),
+    "loraplus_unet_lr_ratio": ("loraplus_unet_lr_ratio", "float"),
+    "loraplus_text_encoder_lr_ratio": ("loraplus_text_encoder_lr_ratio", "float"),
+    "down_lr_weight": ("down_lr_weight", "str"),
+    "mid_lr_weight": ("mid_lr_weight", "str"),
+    "up_lr_weight": ("up_lr_weight", "str"),
+    "block_lr_zero_threshold": ("block_lr_zero_threshold", "float"),
+    "block_dims": ("block_dims", "str"),
+    "block_alphas": ("block_alphas", "str"),
+    "conv_block_dims": ("conv_block_dims", "str"),
+    "conv_block_alphas": ("conv_block_alphas", "str"),
+    "scale_weight_norms": ("scale_weight_norms", "float"),
+}
+
 _AT_LEAST_ONE = ("clip_skip", "gradient_accumulation_steps", "batch_size")
 
 _UNSUPPORTED_REASONS: dict[str, str] = {
@@ -109,29 +134,8 @@ _UNSUPPORTED_REASONS: dict[str, str] = {
     "stop_text_encoder_training": "the text encoder trains for the whole run (kohya_ss ignores it as well)",
     "random_crop": "images are cropped once, when the dataset is prepared",
     "caption_dropout_every_n_epochs": "only caption_dropout_rate is supported",
-    **dict.fromkeys(
-        ("network_dropout", "rank_dropout", "module_dropout"), "dropout inside the LoRA is not supported"
-    ),
-    "scale_weight_norms": "max-norm regularisation is not supported",
-    **dict.fromkeys(
-        (
-            "down_lr_weight",
-            "mid_lr_weight",
-            "up_lr_weight",
-            "block_lr_zero_threshold",
-            "block_dims",
-            "block_alphas",
-            "conv_block_dims",
-            "conv_block_alphas",
-            "conv_dims",
-            "conv_alphas",
-        ),
-        "per-block ranks and learning rates are not supported",
-    ),
-    **dict.fromkeys(
-        ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"),
-        "LoRA+ learning-rate ratios are not supported",
-    ),
+    "conv_dims": "per-block conv ranks are read from conv_block_dims",
+    "conv_alphas": "per-block conv alphas are read from conv_block_alphas",
     "weighted_captions": "(tag:1.2) weights inside captions are not supported",
     "max_token_length": "captions are read up to 75 tokens",
     "dim_from_weights": "set the rank to the rank of the network_weights file yourself",
@@ -193,7 +197,8 @@ _IGNORED_WITH_REASON: dict[str, str] = {
         ),
         "the tab shows progress and the loss chart itself",
     ),
-    "LyCORIS_preset": "LoCon here adapts the attention, feed-forward and ResBlock convolution layers",
+    "LyCORIS_preset": "LoCon here adapts the attention, feed-forward and ResBlock convolution layers; "
+    "LoHa/LoKr take the convolutions when conv_dim is set and the preset includes them",
     "learning_rate_te": "a DreamBooth-tab setting; the LoRA tab uses text_encoder_lr",
     "learning_rate_te1": "an SDXL setting",
     "learning_rate_te2": "an SDXL setting",
@@ -598,18 +603,47 @@ class _Importer:
 
     def network(self) -> None:
         lora_type = self.take("LoRA_type")
-        if lora_type is None:
-            return
-        mapped = _NETWORK_TYPES.get(str(lora_type))
-        if mapped is None:
-            self.unsupported("LoRA_type", lora_type, "only Standard and LoCon networks are trained here")
-            return
-        self.set("network_type", mapped, "LoRA_type")
-        if lora_type == "LyCORIS/LoCon":
-            self.result.notes.append(
-                "LyCORIS/LoCon is trained as kohya LoCon (linear layers + ResBlock 3x3 convs); A1111 "
-                "loads both the same way"
-            )
+        if lora_type is not None:
+            mapped = _NETWORK_TYPES.get(str(lora_type))
+            if mapped is None:
+                reason = "only Standard, LoCon, LyCORIS/LoCon, LyCORIS/LoHa and LyCORIS/LoKr are trained here"
+                self.unsupported("LoRA_type", lora_type, reason)
+            else:
+                self.set("network_type", mapped, "LoRA_type")
+                if lora_type == "LyCORIS/LoCon":
+                    self.result.notes.append(
+                        "LyCORIS/LoCon is trained as kohya LoCon (linear layers + ResBlock 3x3 convs); "
+                        "A1111 loads both the same way"
+                    )
+                if mapped in ("loha", "lokr"):
+                    self.lycoris_conv_layers(str(lora_type))
+        self.network_options()
+
+    # --- network kinds, dropout, LoRA+, block weights, max norm (networks) -------------------------
+    def lycoris_conv_layers(self, lora_type: str) -> None:
+        """kohya_ss passes conv_dim to LyCORIS, whose default preset ("full") then adapts the convs."""
+        preset = str(self.data.get("LyCORIS_preset") or "full")
+        conv_dim = _number_or(self.data, "conv_dim", int, 0, self.result.notes)
+        convs = conv_dim > 0 and preset in ("full", "full-lin", "unet-only", "unet-convblock-only")
+        self.set("conv_layers", convs, f"LoRA_type {lora_type} with conv_dim {conv_dim}, preset {preset}")
+
+    def network_options(self) -> None:
+        for key, (our_field, kind) in _NETWORK_OPTION_FIELDS.items():
+            if key not in self.data:
+                continue
+            value = self.convert(key, kind)
+            if key in self.problem_keys:
+                continue
+            if value is None:
+                self.ignore(key, self.data[key], "empty")
+                continue
+            self.set(our_field, value, key)
+        decompose_both = self.take("decompose_both")
+        if decompose_both is not None and _safe_bool(decompose_both):
+            reason = "LoKr's w1 is always a full matrix here (files with a low-rank w1 can be continued)"
+            self.unsupported("decompose_both", decompose_both, reason)
+        elif "decompose_both" in self.data:
+            self.ignore("decompose_both", decompose_both, "off")
 
     def learning_rates(self) -> None:
         keys = ("learning_rate", "unet_lr", "text_encoder_lr")

@@ -236,12 +236,11 @@ def test_unsupported_network_optimizer_and_model_family_are_reported_not_applied
     base = TrainingConfig(optimizer="AdamW", network_type="lora", lr_scheduler="cosine")
     result = import_kohya_ss_config(
         {
-            "LoRA_type": "LyCORIS/LoHa",
+            "LoRA_type": "LyCORIS/GLoRA",
             "optimizer": "DAdaptLion",
             "lr_scheduler": "rex",
             "sdxl": True,
-            "network_dropout": 0.1,
-            "block_dims": "4,4,4",
+            "decompose_both": True,
             "some_future_option": "on",
         },
         base,
@@ -257,8 +256,7 @@ def test_unsupported_network_optimizer_and_model_family_are_reported_not_applied
         "optimizer",
         "lr_scheduler",
         "sdxl",
-        "network_dropout",
-        "block_dims",
+        "decompose_both",
         "some_future_option",
     }
     assert "SD1.5" in reasons["sdxl"]
@@ -476,3 +474,53 @@ def test_a_constant_schedule_with_warmup_drops_the_warmup_with_a_note() -> None:
     assert result.config.lr_warmup_steps == 0
     assert any("constant schedule has no warmup" in note for note in result.notes)
     assert result.problems == []
+def test_network_kinds_dropouts_loraplus_block_weights_and_max_norm_are_applied() -> None:
+    result = import_kohya_ss_config(
+        {
+            "LoRA_type": "LyCORIS/LoKr",
+            "LyCORIS_preset": "full",
+            "conv_dim": 4,
+            "conv_alpha": 2,
+            "use_tucker": True,
+            "factor": 8,
+            "dora_wd": False,
+            "network_dropout": 0,
+            "rank_dropout": 0.1,
+            "module_dropout": 0.05,
+            "loraplus_lr_ratio": 16,
+            "loraplus_unet_lr_ratio": 0,
+            "loraplus_text_encoder_lr_ratio": 4,
+            "down_lr_weight": "sine+.5",
+            "mid_lr_weight": "0.5",
+            "up_lr_weight": "",
+            "block_lr_zero_threshold": 0.1,
+            "block_dims": ",".join(["8"] * 25),
+            "block_alphas": ",".join(["4"] * 25),
+            "conv_block_dims": "",
+            "conv_block_alphas": "",
+            "scale_weight_norms": 1,
+        }
+    )
+    config = result.config
+    assert (config.network_type, config.conv_layers, config.use_tucker, config.lokr_factor) == (
+        "lokr",
+        True,
+        True,
+        8,
+    )
+    assert (config.rank_dropout, config.module_dropout) == (0.1, 0.05)
+    assert (config.loraplus_lr_ratio, config.loraplus_text_encoder_lr_ratio) == (16, 4)
+    assert (config.down_lr_weight, config.mid_lr_weight, config.block_lr_zero_threshold) == (
+        "sine+.5",
+        "0.5",
+        0.1,
+    )
+    assert config.block_dims == ",".join(["8"] * 25) and config.scale_weight_norms == 1
+    assert not result.problems and not result.unsupported, (result.problems, result.unsupported)
+
+    dora = import_kohya_ss_config({"LoRA_type": "LyCORIS/LoCon", "dora_wd": True, "conv_dim": 8})
+    assert (dora.config.network_type, dora.config.dora_wd) == ("locon", True)
+    attention_only = import_kohya_ss_config(
+        {"LoRA_type": "LyCORIS/LoHa", "LyCORIS_preset": "attn-mlp", "conv_dim": 8}
+    )
+    assert (attention_only.config.network_type, attention_only.config.conv_layers) == ("loha", False)

@@ -26,14 +26,11 @@ from lib_lora_trainer.config import ConfigError, TrainingConfig, ensure_valid, v
 from lib_lora_trainer.dataset.base import BatchSource, TrainingBatch
 from lib_lora_trainer.model.host import HostOptions, TrainingHost
 from lib_lora_trainer.network import kohya_format
-from lib_lora_trainer.network.adapters import (
-    AdapterSpec,
-    AttachedAdapters,
-    attached_adapters,
-    plan_targets,
-    targets_from_weights,
-)
+from lib_lora_trainer.network.adapters import AttachedAdapters, attached_adapters
 from lib_lora_trainer.network.kohya_format import NonFiniteWeights
+from lib_lora_trainer.network.max_norm import scale_weight_norms
+from lib_lora_trainer.network.param_groups import adapter_param_groups
+from lib_lora_trainer.network.plan import SavedNetwork, load_saved_network, plan_network
 from lib_lora_trainer.training.callbacks import (
     DatasetFacts,
     EpochSaved,
@@ -60,7 +57,6 @@ from lib_lora_trainer.training.memory import (
     out_of_memory_advice,
 )
 from lib_lora_trainer.training.optim import (
-    ParamGroup,
     build_optimizer,
     build_scheduler,
     current_learning_rates,
@@ -175,10 +171,12 @@ def train(
             return TrainingResult("interrupted", message)
         callbacks.on_phase("attaching adapters", 0, 1)
         unet, text_encoder = host.unet(), host.text_encoder()
-        targets = _targets(config, unet, text_encoder, initial_weights)
-        with attached_adapters(unet, text_encoder, targets) as adapters:
+        plan = plan_network(
+            config, unet, text_encoder, train_text_encoder=_trains_text_encoder(config), saved=initial_weights
+        )
+        with attached_adapters(unet, text_encoder, plan.targets, plan.settings, plan.dropout) as adapters:
             if initial_weights:
-                adapters.load(initial_weights)
+                adapters.load(initial_weights.weights)
             callbacks.on_phase("attaching adapters", 1, 1)
             run = _Run(
                 host,
@@ -220,34 +218,8 @@ def _trains_text_encoder(config: TrainingConfig) -> bool:
     return config.train_text_encoder and (config.text_encoder_lr > 0 or relative)
 
 
-def _load_initial_weights(config: TrainingConfig) -> dict[tuple[str, str], kohya_format.LoraModuleWeights]:
-    if not config.network_weights:
-        return {}
-    path = Path(config.network_weights)
-    if not path.is_file():
-        raise ConfigError([f"the LoRA to continue from, {path}, does not exist"])
-    modules, _ = kohya_format.load_kohya_lora(path)
-    return {kohya_format.module_name_from_kohya(stem): weights for stem, weights in modules.items()}
-
-
-def _targets(config, unet, text_encoder, initial_weights):
-    if initial_weights:
-        # Continue with the file's own layout: its ranks and alphas, and only its modules.
-        targets = targets_from_weights(initial_weights)
-        if not _trains_text_encoder(config):
-            targets = [t for t in targets if t.component == "unet"]
-            for key in [k for k in initial_weights if k[0] == "text_encoder"]:
-                del initial_weights[key]
-        return targets
-    spec = AdapterSpec(
-        network_dim=config.network_dim,
-        network_alpha=config.network_alpha,
-        locon=config.network_type == "locon",
-        conv_dim=config.conv_dim,
-        conv_alpha=config.conv_alpha,
-        train_text_encoder=_trains_text_encoder(config),
-    )
-    return plan_targets(unet, text_encoder, spec)
+def _load_initial_weights(config: TrainingConfig) -> SavedNetwork | None:
+    return load_saved_network(config.network_weights, config) if config.network_weights else None
 
 
 @dataclass(frozen=True)
@@ -289,9 +261,7 @@ class _Run:
         self.text_params = adapters.parameters("text_encoder") if self.train_text_encoder else []
         self.trainable = self.unet_params + self.text_params
         self.trainable_parameters = sum(p.numel() for p in self.trainable)
-        groups = [ParamGroup("unet", self.unet_params, config.unet_lr)]
-        if self.text_params:
-            groups.append(ParamGroup("text_encoder", self.text_params, config.text_encoder_lr))
+        groups = adapter_param_groups(adapters, config, train_text_encoder=self.train_text_encoder)
         self.optimizer = build_optimizer(config, groups, self.device)
         self.scheduler = build_scheduler(config, self.optimizer, length.total_steps)
         self.scaler = fp16_grad_scaler(self.device, config.mixed_precision)
@@ -523,6 +493,8 @@ class _Run:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.config.scale_weight_norms > 0:
+            scale_weight_norms(self.adapters, self.config.scale_weight_norms)  # logs the keys scaled
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -374,10 +374,11 @@ def check_resume(
 
 
 def trainables_of(adapters: Any, optimizer: Any, scheduler: Any, scaler: Any) -> dict[str, Any]:
-    """What the state file keeps of the optimisation: adapter weights and every state dict."""
+    """What the state file keeps of the optimisation: every trainable adapter parameter exactly as it is
+    (whatever the network kind; a file's export may reorient or rescale parts) and every state dict."""
     weights = {
-        f"{component}|{name}": {"down": module.down, "up": module.up, "alpha": module.alpha}
-        for (component, name), module in adapters.export().items()
+        f"{target.component}|{target.module_name}|{part}": parameter.detach().cpu().clone()
+        for target, part, parameter in adapters.named_parameters()
     }
     return {
         "adapters": weights,
@@ -388,14 +389,18 @@ def trainables_of(adapters: Any, optimizer: Any, scheduler: Any, scaler: Any) ->
 
 
 def load_trainables(loaded: LoadedState, adapters: Any, optimizer: Any, scheduler: Any, scaler: Any) -> None:
-    from lib_lora_trainer.network.kohya_format import LoraModuleWeights
-
     saved = loaded.trainables
     try:
-        weights = {
-            tuple(key.split("|", 1)): LoraModuleWeights(**module) for key, module in saved["adapters"].items()
+        parameters = {
+            f"{target.component}|{target.module_name}|{part}": parameter
+            for target, part, parameter in adapters.named_parameters()
         }
-        adapters.load(weights)
+        missing = sorted(set(parameters) ^ set(saved["adapters"]))
+        if missing:
+            raise ValueError(f"{len(missing)} adapter parameters differ, e.g. {missing[0]}")
+        with torch.no_grad():
+            for key, parameter in parameters.items():
+                parameter.copy_(saved["adapters"][key])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if scaler is not None and saved["scaler"]:

@@ -26,8 +26,8 @@ from PIL import Image, ImageDraw
 from lib_lora_trainer.dataset.crop import FaceFinder, HaarFaceFinder
 from lib_lora_trainer.model.host import HostOptions
 from lib_lora_trainer.model.standalone import StandaloneHost, build_random_host
-from lib_lora_trainer.network import kohya_format
-from lib_lora_trainer.network.adapters import attached_adapters, targets_from_weights
+from lib_lora_trainer.network.adapters import attached_adapters, settings_from_weights, targets_from_weights
+from lib_lora_trainer.network.plan import load_saved_network
 from lib_lora_trainer.outputs.compare import (
     NOTHING_LABEL,
     PROMPT_SR_LABEL,
@@ -296,14 +296,17 @@ class StandaloneServices:
         files = [path for root in self.lora_roots() for path in root.rglob(f"{stem}.safetensors")]
         if not files:
             raise RuntimeError(f"LoRA {stem} was not found in the Lora folder")
-        modules, _ = kohya_format.load_kohya_lora(files[0])
-        loaded = {kohya_format.module_name_from_kohya(name): w for name, w in modules.items()}
-        for module in loaded.values():
-            module.up = module.up * weight
+        saved = load_saved_network(files[0])
+        if weight <= 0:
+            return renderer.render_image(request)
         with self.host.session(HostOptions(train_text_encoder=True)):
-            targets = targets_from_weights(loaded)
-            with attached_adapters(self.host.unet(), self.host.text_encoder(), targets) as adapters:
-                adapters.load(loaded)
+            targets = targets_from_weights(saved.weights)
+            settings = settings_from_weights(saved.weights, saved.network_args)
+            with attached_adapters(self.host.unet(), self.host.text_encoder(), targets, settings) as adapters:
+                adapters.load(saved.weights)
+                if weight != 1:
+                    for _, layer in adapters.layers():
+                        adapters.kind.scale_update(layer, weight)
                 return renderer.render_image(request)  # it leaves the <lora:...> tag out of the prompt
 
 

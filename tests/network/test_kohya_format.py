@@ -20,10 +20,10 @@ from lib_lora_trainer.network.kohya_format import (
     count_tags,
     epoch_file_name,
     load_kohya_lora,
-    merge_into_weight,
     save_kohya_lora,
 )
 from lib_lora_trainer.network.kohya_names import kohya_name
+from tests.network.a1111_merge import merge_into_weight
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LINEAR = kohya_name("text_encoder", "text_model.encoder.layers.0.mlp.fc1")

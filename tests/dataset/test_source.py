@@ -51,7 +51,8 @@ def test_it_is_a_batch_source_yielding_single_bucket_batches_with_loss_weights(t
     source, encoder = prepared(config)
 
     protocol_methods = [name for name in vars(BatchSource) if not name.startswith("_")]
-    assert set(protocol_methods) == {"prepare", "batches_per_epoch", "epoch", "captions", "captions_vary"}
+    expected = {"prepare", "batches_per_epoch", "epoch", "captions", "captions_vary", "fingerprint"}
+    assert set(protocol_methods) == expected
     assert all(callable(getattr(source, name)) for name in protocol_methods)
     batches = list(source.epoch(0, random.Random(1)))
 

@@ -94,11 +94,11 @@ class LoraModuleWeights:
 # --------------------------------------------------------------------------------------------
 
 
-@_log_refusals
 class NonFiniteWeights(ValueError):
     """A LoRA file would hold NaN or infinite values (after the cast to its save precision)."""
 
 
+@_log_refusals
 def save_kohya_lora(
     path: str | Path,
     modules: Mapping[str, LoraModuleWeights | Mapping[str, torch.Tensor]],

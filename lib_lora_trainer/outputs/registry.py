@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import re
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from lib_lora_trainer.config import TrainingConfig, output_name_problem
-from lib_lora_trainer.files import atomic_write_bytes, atomic_write_text
+from lib_lora_trainer.files import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from lib_lora_trainer.network.kohya_format import epoch_file_name
 from lib_lora_trainer.paths import safe_relative_subfolder
 from lib_lora_trainer.training.state import STATE_FOLDER_NAME, StateFolder
@@ -42,9 +41,6 @@ SD_VERSION = "SD1"
 OnRegistered = Callable[[str, Path], None]
 
 # What files.atomic_write_bytes leaves when the process is killed mid-write: ".<target>.<random>.tmp".
-_TEMPORARY_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp$")
-_OUR_SUFFIXES = (".safetensors", ".json", ".png", ".lctstate")
-STALE_TEMPORARY_AGE_S = 600.0  # older than any write in progress
 
 
 class OutputNameError(ValueError):
@@ -321,24 +317,11 @@ class EpochRegistry:
             )
         return sorted(runs, key=lambda run: run.updated_at, reverse=True)
 
-    def remove_stale_temporaries(self, older_than_s: float = STALE_TEMPORARY_AGE_S) -> list[Path]:
-        """Delete the temporary files a killed write left in the output and state folders."""
-        removed = []
-        now = time.time()
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files a killed write left in the output and state folders (only ours:
+        :func:`lib_lora_trainer.files.remove_stale_temporaries` knows their names)."""
         folders = [self.output_folder, *sorted((self.output_folder / STATE_FOLDER_NAME).glob("*"))]
-        for folder in folders:
-            if not folder.is_dir():
-                continue
-            for path in folder.iterdir():
-                match = _TEMPORARY_NAME.match(path.name)
-                if not match or not match.group("target").endswith(_OUR_SUFFIXES) or not path.is_file():
-                    continue
-                try:
-                    if now - path.stat().st_mtime >= older_than_s:
-                        path.unlink()
-                        removed.append(path)
-                except OSError as error:
-                    logger.warning("could not remove the temporary file %s: %s", path, error)
+        removed = [path for folder in folders if folder.is_dir() for path in remove_stale_temporaries(folder)]
         for path in removed:
             logger.info("removed %s, left by an interrupted save", path)
         return removed

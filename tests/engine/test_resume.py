@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from lib_lora_trainer.config import ConfigError
 from lib_lora_trainer.dataset.base import InMemoryBatchSource
-from lib_lora_trainer.network import kohya_format
 from lib_lora_trainer.training import state as state_module
 from lib_lora_trainer.training.loop import (
     ResumeMismatch,
@@ -251,17 +250,17 @@ def test_files_of_another_run_are_never_removed(tmp_path):
 
 
 def fail_writes_of(monkeypatch, marker: str):
-    """Every atomic write whose temporary name contains ``marker`` fails half-way with ENOSPC."""
+    """Every atomic write whose target's name contains ``marker`` fails half-way with ENOSPC."""
     import lib_lora_trainer.files as files
 
-    real_mkstemp, real_fdopen = files.tempfile.mkstemp, files.os.fdopen
-    doomed: set[int] = set()
+    real_write_target, real_fdopen = files._write_target, files.os.fdopen
+    doomed = []  # set by the target's name, taken by the next file opened: the temporary
 
-    def mkstemp(*args, **kwargs):
-        handle, name = real_mkstemp(*args, **kwargs)
-        if marker in Path(name).name:
-            doomed.add(handle)
-        return handle, name
+    def write_target(path):
+        target = real_write_target(path)
+        if marker in target.name:
+            doomed.append(True)
+        return target
 
     class FullDisk:
         def __init__(self, stream):
@@ -279,12 +278,12 @@ def fail_writes_of(monkeypatch, marker: str):
 
     def fdopen(handle, *args, **kwargs):
         stream = real_fdopen(handle, *args, **kwargs)
-        if handle in doomed:  # once: the number is reused by the next file opened
-            doomed.discard(handle)
+        if doomed:
+            doomed.pop()
             return FullDisk(stream)
         return stream
 
-    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(files, "_write_target", write_target)
     monkeypatch.setattr(files.os, "fdopen", fdopen)
 
 
@@ -339,7 +338,7 @@ def test_a_file_that_overflows_in_fp16_is_never_saved(tmp_path, monkeypatch):
 
     def huge(self):
         return {
-            key: kohya_format.LoraModuleWeights(w.down * 1e6, w.up + 1.0, w.alpha)
+            key: {part: t * 1e6 + 1.0 if part.endswith("weight") else t for part, t in w.items()}
             for key, w in real_export(self).items()
         }
 
@@ -374,6 +373,10 @@ def test_out_of_memory_in_the_first_optimizer_step_gives_the_advice(tmp_path, mo
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    # the check before the model is touched steps a dummy optimizer: let it pass, the first real step fails
+    from lib_lora_trainer.training import loop as loop_module
+
+    monkeypatch.setattr(loop_module, "precheck_optimizer", lambda config: None)
     host = tiny_host()
     before = host_fingerprint(host)
     with pytest.raises(TrainingOutOfMemory, match="in the optimizer step of step 1.*Lower the batch size"):

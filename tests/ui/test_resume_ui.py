@@ -10,6 +10,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
+from lib_lora_trainer.files import TEMP_PREFIX, TEMP_SUFFIX
 from lib_lora_trainer.outputs.registry import EpochRegistry, OutputNameError
 from lib_lora_trainer.training.state import STATE_FOLDER_NAME
 from lib_lora_trainer.ui.resume import ResumeActions
@@ -76,17 +77,19 @@ def test_temporary_files_left_by_a_killed_save_are_removed_at_the_next_start(ser
     registry = EpochRegistry(services.lora_roots(), services.defaults().lora_subfolder)
     folder = registry.output_folder
     (folder / STATE_FOLDER_NAME / "alice").mkdir(parents=True)
+    gone = 4_194_000  # a process id no process has (above the usual pid range)
     old = [
-        folder / ".alice-000002.safetensors.k3j_9x2a.tmp",
-        folder / STATE_FOLDER_NAME / "alice" / ".state-step00000006.lctstate.ab12cd34.tmp",
+        folder / f"{TEMP_PREFIX}{gone}-0a1b2c3d{TEMP_SUFFIX}",
+        folder / STATE_FOLDER_NAME / "alice" / f"{TEMP_PREFIX}{gone}-ab12cd34{TEMP_SUFFIX}",
     ]
-    fresh = folder / ".alice-000003.safetensors.zz99yy88.tmp"  # a save in progress right now
+    fresh = folder / f"{TEMP_PREFIX}1-ee99ff88{TEMP_SUFFIX}"  # a live process's save in progress right now
     users = folder / ".my_notes.txt"
     for path in [*old, fresh, users]:
         path.write_bytes(b"partial")
     an_hour_ago = time.time() - 3600
     for path in [*old, users]:
         os.utime(path, (an_hour_ago, an_hour_ago))
+    os.utime(fresh, (time.time(), time.time()))
     removed = ResumeActions(services, jobs).clean_up_after_crash()
     assert sorted(removed) == sorted(old)
     assert fresh.exists() and users.exists()

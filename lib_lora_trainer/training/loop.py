@@ -33,12 +33,7 @@ from lib_lora_trainer.network.adapters import (
     plan_targets,
     targets_from_weights,
 )
-from lib_lora_trainer.training.device_settings import (
-    fp16_grad_scaler,
-    safe_cpu_attention,
-    tf32_matmul,
-    to_device_async,
-)
+from lib_lora_trainer.training.device_settings import tf32_matmul, to_device_async
 from lib_lora_trainer.training.memory import (
     CheckpointingChoice,
     available_bytes,
@@ -54,6 +49,7 @@ from lib_lora_trainer.training.optim import (
     current_learning_rates,
     describe_optimizer,
 )
+from lib_lora_trainer.training.precision import PrecisionPolicy, host_weight_dtype, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -157,16 +153,18 @@ def train(
     _refuse_existing_outputs(output_dir, config)
     initial_weights = _load_initial_weights(config)
 
+    precision = resolve_precision(host.device, host_weight_dtype(host.unet()), config.mixed_precision)
     torch.manual_seed(config.seed)
     options = HostOptions(
         train_text_encoder=_trains_text_encoder(config),
         clip_skip=config.clip_skip,
-        mixed_precision=config.mixed_precision,
+        mixed_precision=precision.compute,
+        weighted_captions=config.weighted_captions,
     )
     with (
         host.session(options),
         tf32_matmul(host.device),
-        safe_cpu_attention(host.device, config.mixed_precision),
+        precision.attention_guard(),
     ):
         log.info("caching latents for %d batches per epoch", source.batches_per_epoch())
         source.prepare(host.encode_images)
@@ -175,7 +173,8 @@ def train(
         with attached_adapters(unet, text_encoder, targets) as adapters:
             if initial_weights:
                 adapters.load(initial_weights)
-            run = _Run(host, config, source, adapters, callbacks, output_dir, dataset_facts or DatasetFacts())
+            facts = dataset_facts or DatasetFacts()
+            run = _Run(host, config, source, adapters, callbacks, output_dir, facts, precision)
             return run.execute()
 
 
@@ -241,8 +240,10 @@ class _Run:
         callbacks: TrainingCallbacks,
         output_dir: Path,
         dataset_facts: DatasetFacts,
+        precision: PrecisionPolicy,
     ):
         self.host, self.config, self.source = host, config, source
+        self.precision = precision
         self.adapters, self.callbacks, self.output_dir = adapters, callbacks, output_dir
         self.dataset_facts = dataset_facts
         self.device = host.device
@@ -259,7 +260,7 @@ class _Run:
         if self.text_params:
             groups.append(ParamGroup("text_encoder", self.text_params, config.text_encoder_lr))
         self.optimizer = build_optimizer(config, groups, self.device)
-        self.scaler = fp16_grad_scaler(self.device, config.mixed_precision)
+        self.scaler = precision.grad_scaler()
         self.cond_cache = self._cache_conditioning()
         self.checkpointing_stack = contextlib.ExitStack()
         self.checkpointing_on = False
@@ -296,6 +297,9 @@ class _Run:
 
     def _execute(self) -> TrainingResult:
         self.callbacks.on_start(self.plan)
+        log.info("%s", self.precision.reason)
+        if self.precision.notice:
+            self.callbacks.on_notice(self.precision.notice)
         log.info(
             "training %s: %d epochs x %d steps, %d adapted modules, %d trainable parameters; "
             "gradient checkpointing %s",
@@ -386,7 +390,7 @@ class _Run:
             need = estimate_step_bytes(
                 self.host,
                 lambda: self._conditioning(captions),
-                mixed_precision=self.config.mixed_precision,
+                mixed_precision=self.precision.compute,
                 batch_size=self.config.batch_size,
                 resolution=self.config.resolution,
                 trainable_parameters=self.trainable_parameters,
@@ -414,7 +418,7 @@ class _Run:
         timesteps = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), device=self.device)
         alpha_bar = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
-        with self.host.autocast(self.config.mixed_precision):
+        with self.host.autocast(self.precision.compute):
             prediction = self.host.predict(noisy, timesteps, cond)
         if self.parameterization == "v":
             target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
@@ -456,7 +460,7 @@ class _Run:
         if self.train_text_encoder or self.source.captions_vary():
             return {}
         cache = {}
-        with torch.no_grad(), self.host.autocast(self.config.mixed_precision):
+        with torch.no_grad(), self.host.autocast(self.precision.compute):
             for caption in self.source.captions():
                 cache[caption] = self.host.encode_text([caption])[0]
         return cache
@@ -465,7 +469,7 @@ class _Run:
         cached = [self.cond_cache.get(caption) for caption in captions]
         if cached and all(c is not None for c in cached) and len({c.shape for c in cached}) == 1:
             return torch.stack(cached)
-        with torch.set_grad_enabled(self.train_text_encoder), self.host.autocast(self.config.mixed_precision):
+        with torch.set_grad_enabled(self.train_text_encoder), self.host.autocast(self.precision.compute):
             return self.host.encode_text(list(captions))
 
     # --- reporting and saving -----------------------------------------------------------------------
@@ -535,6 +539,8 @@ class _Run:
             parameterization=self.parameterization,
             optimizer=describe_optimizer(self.config),
             gradient_checkpointing=self.checkpointing_on,
+            mixed_precision=self.precision.compute,
+            max_token_length=self.host.max_token_length(),
             sd_model_name=info.name,
             sd_model_hash=info.hash_legacy,
             new_sd_model_hash=info.hash_sha256,

@@ -10,6 +10,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from lib_lora_trainer.config import TrainingConfig
+from lib_lora_trainer.training.precision import device_rule
 
 
 class OptimizerUnavailable(RuntimeError):
@@ -84,7 +85,7 @@ def build_optimizer(config: TrainingConfig, groups: list[ParamGroup], device: to
 def _adamw(param_groups: list[dict], weight_decay: float, device: torch.device) -> Optimizer:
     """torch's fused AdamW (one kernel over all parameters) where this torch has it for ``device``:
     CUDA always, the CPU from torch 2.4 on; else the default implementation."""
-    if device.type in ("cuda", "cpu"):
+    if device_rule(device).fused_adamw:  # CUDA and the CPU, not MPS (training/precision.py)
         try:
             # Copies: a failed constructor has already filled defaults into the group dicts.
             groups = [dict(group) for group in param_groups]

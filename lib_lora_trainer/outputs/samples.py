@@ -47,6 +47,7 @@ class SampleRequest:
     cfg_scale: float
     width: int
     height: int
+    clip_skip: int = 1  # the run's: its samples are rendered as it trained (A1111 puts it in the infotext)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ def sample_requests(
             cfg_scale=config.sample_cfg_scale,
             width=width,
             height=height,
+            clip_skip=config.clip_skip,
         )
         for index, prompt in enumerate(prompts)
     ]

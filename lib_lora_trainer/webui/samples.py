@@ -89,7 +89,11 @@ class A1111SampleRenderer:
             height=request.height,
             do_not_save_samples=True,
             do_not_save_grid=True,
-            override_settings=pinned_checkpoint_settings(),
+            # clip skip reaches the render through the override, never the WebUI's settings themselves
+            override_settings={
+                **pinned_checkpoint_settings(),
+                "CLIP_stop_at_last_layers": request.clip_skip,
+            },
             override_settings_restore_afterwards=True,
         )
         p.disable_extra_networks = True  # render the adapters in memory, load nothing from disk

@@ -137,3 +137,16 @@ def test_the_epoch_file_records_the_longest_caption(webui, tmp_path):
     _, metadata = load_kohya_lora(result.epochs[-1].path)
     chunks = a1111_encode(webui, [LONG_CAPTION]).shape[1] // 77
     assert metadata["ss_max_token_length"] == str(75 * chunks)
+
+
+def test_samples_render_with_the_runs_clip_skip_through_the_override(monkeypatch, tmp_path):
+    from lib_lora_trainer.outputs.samples import sample_requests
+    from lib_lora_trainer.webui.samples import A1111SampleRenderer
+    from tests.webui import stand_ins
+
+    stand_in = stand_ins.install(monkeypatch, tmp_path)
+    (request,) = sample_requests(tiny_config(tmp_path, clip_skip=2, sample_prompts=["ohwx"]), "alice-000001")
+    A1111SampleRenderer().render([request], tmp_path / "samples", "alice-000001")
+    (p,) = stand_in.recorder.processings
+    assert p.override_settings["CLIP_stop_at_last_layers"] == 2 and p.override_settings_restore_afterwards
+    assert "CLIP_stop_at_last_layers" not in stand_in.shared.opts.data

@@ -185,8 +185,8 @@ class EulerSampleRenderer:
         timesteps = np.linspace(len(alphas) - 1, 0, request.steps).round().astype(np.int64)
         sigmas = [float(sigmas_all[t]) for t in timesteps] + [0.0]
         prompt = strip_lora_tags(request.prompt)
-        cond = self.host.encode_text([prompt])
-        uncond = self.host.encode_text([request.negative_prompt])
+        # one batch: a prompt longer than 75 tokens pads the negative prompt to its chunks (as A1111 does)
+        uncond, cond = self.host.encode_text([request.negative_prompt, prompt]).chunk(2)
         x = torch.randn(shape, generator=generator).to(device) * sigmas[0]
         for index, timestep in enumerate(timesteps):
             sigma, sigma_next = sigmas[index], sigmas[index + 1]

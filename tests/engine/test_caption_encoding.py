@@ -101,3 +101,12 @@ def test_the_standalone_host_keeps_every_chunk_and_clip_skip_is_its_own():
     assert short.shape[1] == 77 and longest is None
     skipped, _ = encode(host, ["alice"], clip_skip=2)
     assert not torch.equal(short, skipped)
+
+
+def test_kohya_ss_weighted_captions_and_max_token_length_are_read():
+    from lib_lora_trainer.kohya_ss_import import import_kohya_ss_config
+
+    result = import_kohya_ss_config({"weighted_captions": True, "max_token_length": 225})
+    assert result.config.weighted_captions is True
+    (ignored,) = [item for item in result.ignored if item.key == "max_token_length"]
+    assert "never cut" in ignored.reason

@@ -47,7 +47,7 @@ AUTO_MASKS = ("none", "face")  # "face": a soft head-and-shoulders region around
 PRODIGY_LR_RANGE = (0.1, 10.0)
 SCHEDULE_FREE_OPTIMIZERS = ("AdamWScheduleFree",)
 NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")  # auto: per device, see training/precision.py
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 DATASET_LAYOUTS = ("flat", "kohya")
 PARAMETERIZATIONS = ("auto", "eps", "v")
@@ -132,7 +132,7 @@ class TrainingConfig:
     clip_skip: int = 1
 
     # --- precision and memory ---------------------------------------------------------------
-    mixed_precision: str = "fp16"
+    mixed_precision: str = "auto"  # per device and loaded weights (training/precision.py)
     gradient_checkpointing: str = "auto"  # "auto": on only when memory needs it; "on"; "off"
     seed: int = 1234
 
@@ -187,6 +187,10 @@ class TrainingConfig:
     conv_block_dims: str = ""
     conv_block_alphas: str = ""
     scale_weight_norms: float = 0.0  # 0 = off; kohya's max-norm regularisation
+    # --- caption encoding (precision helper) ---------------------------------------------------
+    # Off: captions are trained as plain text, brackets and all (kohya's default); on: (tag:1.2), [tag]
+    # and BREAK are read as A1111 reads them in a prompt (kohya's --weighted_captions).
+    weighted_captions: bool = False
 
     # --- samples --------------------------------------------------------------------------------
     sample_every_n_epochs: int = 1

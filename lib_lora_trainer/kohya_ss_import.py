@@ -101,6 +101,8 @@ _SIMPLE_FIELDS: dict[str, tuple[str, str]] = {
     "clip_skip": ("clip_skip", "int"),
     "gradient_checkpointing": ("gradient_checkpointing", "checkpointing"),
     "sample_every_n_epochs": ("sample_every_n_epochs", "int"),
+    # --- caption encoding (precision helper) ---
+    "weighted_captions": ("weighted_captions", "bool"),
 }
 
 # kohya_ss GUI key: (our field, kind) for the network kinds, dropouts, LoRA+, block weights, max norm.
@@ -136,13 +138,13 @@ _UNSUPPORTED_REASONS: dict[str, str] = {
     "caption_dropout_every_n_epochs": "only caption_dropout_rate is supported",
     "conv_dims": "per-block conv ranks are read from conv_block_dims",
     "conv_alphas": "per-block conv alphas are read from conv_block_alphas",
-    "weighted_captions": "(tag:1.2) weights inside captions are not supported",
-    "max_token_length": "captions are read up to 75 tokens",
     "dim_from_weights": "set the rank to the rank of the network_weights file yourself",
     "additional_parameters": "raw sd-scripts arguments cannot be applied",
 }
 
 _IGNORED_WITH_REASON: dict[str, str] = {
+    # --- caption encoding (precision helper) ---
+    "max_token_length": "captions are never cut here: every 75 tokens are one chunk, as A1111 reads a prompt",
     **dict.fromkeys(
         (
             "pretrained_model_name_or_path",
@@ -832,6 +834,12 @@ class _Importer:
         if mixed is not None:
             if mixed in ("no", "fp16", "bf16"):
                 self.set("mixed_precision", mixed, "mixed_precision")
+                if mixed == "no":  # resolved like the tab's "no" (training/precision.py)
+                    self.result.notes.append(
+                        "mixed_precision no: fp32 where the WebUI holds the model in fp32 (--no-half); on "
+                        "its default half-precision model training computes in fp16 with loss scaling "
+                        "(the epoch files' ss_mixed_precision says which)"
+                    )
             else:
                 self.unsupported("mixed_precision", mixed, "choose no, fp16 or bf16")
         for key in ("full_fp16", "full_bf16", "fp8_base"):

@@ -14,6 +14,7 @@ from lib_lora_trainer.config import TrainingConfig
 from lib_lora_trainer.dataset.caption_processing import count_tags, has_trigger
 from lib_lora_trainer.dataset.images import LOW_RESOLUTION_SIDE
 from lib_lora_trainer.dataset.plan import EpochPlan, plan_epoch
+from lib_lora_trainer.dataset.prompt_syntax import prompt_syntax
 from lib_lora_trainer.dataset.scan import ImageRecord, ScannedDataset, Subset
 from lib_lora_trainer.dataset.source import latent_cache_warnings, settings_for
 
@@ -131,6 +132,7 @@ def dataset_warnings(
         _captions_without_trigger(dataset, config),
         _trigger_shuffled(config),
         _unused_reg_images(plan),
+        _prompt_syntax_in_captions(dataset, config),
     ]
     found = [warning for warning in checks if warning is not None]
     found += [DatasetWarning("latents_not_cached", m) for m in latent_cache_warnings(settings_for(config))]
@@ -302,6 +304,33 @@ def _unused_reg_images(plan: EpochPlan) -> DatasetWarning | None:
         "reg_images_unused",
         f"There are more regularisation images ({plan.num_reg_images} with repeats) than training images "
         f"({plan.num_train_images} with repeats); only {used} of them are used, as in kohya",
+    )
+
+
+def _prompt_syntax_in_captions(dataset: ScannedDataset, config: TrainingConfig) -> DatasetWarning | None:
+    with_syntax = [
+        (subset, record, prompt_syntax(record.caption))
+        for subset, record in _train_records(dataset)
+        if record.caption_file is not None
+    ]
+    with_syntax = [(s, r, kinds) for s, r, kinds in with_syntax if kinds]
+    if not with_syntax:
+        return None
+    kinds = sorted({kind for _, _, found in with_syntax for kind in found})
+    if config.weighted_captions:
+        effect = (
+            "weighted captions are on, so they are read as weights and chunk breaks; write \\( \\) for a "
+            "bracket that is part of a tag"
+        )
+    else:
+        effect = (
+            "they are trained as plain text, brackets included (as WD14 tags like ganyu (genshin impact) "
+            "need); switch on Weighted captions if you meant them as weights"
+        )
+    return _images_warning(
+        "prompt_syntax",
+        [(s, r) for s, r, _ in with_syntax],
+        f"caption(s) contain prompt syntax ({', '.join(kinds)}): {effect}",
     )
 
 

@@ -25,8 +25,9 @@ class HostOptions:
     """What the session must set up on the host for this run."""
 
     train_text_encoder: bool
-    clip_skip: int = 1
-    mixed_precision: str = "no"  # "no", "fp16" or "bf16"
+    clip_skip: int = 1  # applied by the host's caption encoder, never through the WebUI's settings
+    mixed_precision: str = "no"  # what the run computes in, resolved: "no", "fp16" or "bf16"
+    weighted_captions: bool = False  # read (tag:1.2), [tag], BREAK in captions; off: plain text
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,14 @@ class TrainingHost(Protocol):
         ...
 
     def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
-        """Conditioning for ``captions`` with gradients reaching text-encoder adapters; honours clip skip."""
+        """Conditioning for ``captions`` with gradients reaching text-encoder adapters, as
+        :mod:`~lib_lora_trainer.model.text_encoding` describes: literal unless the session's options
+        ask for weighted captions, every 75-token chunk kept, the session's clip skip."""
+        ...
+
+    def max_token_length(self) -> int | None:
+        """kohya's ``max_token_length`` of what this session encoded: None while every caption fit 75
+        tokens, else 75 x the chunks of the longest (150, 225 ...)."""
         ...
 
     def predict(

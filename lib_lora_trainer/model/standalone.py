@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,25 +28,32 @@ from lib_lora_trainer.model.ldm_parts import (
     sd_alphas_cumprod,
     sdp_attention,
 )
-
-Tokenizer = Callable[[Sequence[str]], torch.Tensor]
+from lib_lora_trainer.model.text_encoding import CaptionEncoder, CaptionTokenizer
 
 
 class HashTokenizer:
-    """Words to ids by a stable hash, padded to 77 like CLIP: stands in for CLIP's BPE where no
-    tokenizer files exist (tests, random-weight benchmarks). Real runs inside A1111 use A1111's own."""
+    """Words to ids by a stable hash: stands in for CLIP's BPE where no tokenizer files exist (tests,
+    random-weight benchmarks); a :class:`~lib_lora_trainer.model.text_encoding.CaptionTokenizer`.
+    Real runs inside A1111 use A1111's own tokenizer."""
 
     def __init__(self, vocab_size: int, length: int = 77):
         self.vocab_size = vocab_size
         self.length = length
         self.bos, self.eos = vocab_size - 2, vocab_size - 1
+        self.bos_token_id, self.eos_token_id = self.bos, self.eos
+        self.comma_token_id = self._id(",")
+
+    def _id(self, word: str) -> int:
+        return int.from_bytes(hashlib.sha1(word.encode()).digest()[:4], "little") % self.bos
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [[self._id(w) for w in re.findall(r"\w+|[^\w\s]", text.lower())] for text in texts]
 
     def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        """One 77-token row per caption (BOS, ids, EOS padding), cut at 75 ids."""
         rows = []
-        for caption in captions:
-            words = re.findall(r"\w+|[^\w\s]", caption.lower())[: self.length - 2]
-            ids = [int.from_bytes(hashlib.sha1(w.encode()).digest()[:4], "little") % self.bos for w in words]
-            row = [self.bos, *ids, self.eos]
+        for ids in self.tokenize(captions):
+            row = [self.bos, *ids[: self.length - 2], self.eos]
             rows.append(row + [self.eos] * (self.length - len(row)))
         return torch.tensor(rows, dtype=torch.long)
 
@@ -60,7 +67,7 @@ class StandaloneHost:
         unet: nn.Module,
         text_encoder: nn.Module,
         vae: nn.Module,
-        tokenizer: Tokenizer,
+        tokenizer: CaptionTokenizer,
         device: torch.device | str = "cpu",
         scale_factor: float = SD15_SCALE_FACTOR,
         alphas_cumprod: torch.Tensor | None = None,
@@ -78,7 +85,7 @@ class StandaloneHost:
         self._parameterization = parameterization
         self._use_sdp = use_sdp_attention
         self._model_info = model_info or BaseModelInfo(name="standalone")
-        self._clip_skip = 1
+        self._encoder = CaptionEncoder(text_encoder, tokenizer)
         self._in_session = False
 
     # --- session ------------------------------------------------------------------------------------
@@ -92,7 +99,12 @@ class StandaloneHost:
         modules = (self._unet, self._text_encoder, self._vae)
         training_flags = [(m, m.training) for root in modules for m in root.modules()]
         self._in_session = True
-        self._clip_skip = options.clip_skip
+        self._encoder = CaptionEncoder(
+            self._text_encoder,
+            self._tokenizer,
+            clip_skip=options.clip_skip,
+            weighted=options.weighted_captions,
+        )
         try:
             with (
                 frozen_parameters(*modules),
@@ -104,7 +116,6 @@ class StandaloneHost:
         finally:
             for module, flag in training_flags:
                 module.training = flag
-            self._clip_skip = 1
             self._in_session = False
 
     def gradient_checkpointing(self, enabled: bool) -> contextlib.AbstractContextManager[None]:
@@ -141,15 +152,10 @@ class StandaloneHost:
         return (posterior.sample() * self._scale_factor).float()
 
     def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
-        ids = self._tokenizer(captions)
-        if self.device.type == "cuda":  # a pinned, queued copy: the CPU does not wait for the GPU here
-            ids = ids.pin_memory().to(self.device, non_blocking=True)
-        else:
-            ids = ids.to(self.device)
-        if self._clip_skip == 1:
-            return self._text_encoder(input_ids=ids).last_hidden_state
-        hidden = self._text_encoder(input_ids=ids, output_hidden_states=True).hidden_states[-self._clip_skip]
-        return self._text_encoder.text_model.final_layer_norm(hidden)
+        return self._encoder(captions, self.device)
+
+    def max_token_length(self) -> int | None:
+        return self._encoder.max_token_length()
 
     def predict(
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor

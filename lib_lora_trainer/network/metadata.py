@@ -41,6 +41,8 @@ class TrainingRunInfo:
     parameterization: Literal["eps", "v"] = "eps"  # the resolved one, never "auto"
     optimizer: str = ""  # e.g. "torch.optim.adamw.AdamW(weight_decay=0.01)"; "" = described from the config
     max_token_length: int | None = None  # None = 75 tokens, kohya's default
+    # --- precision and caption encoding, as the run resolved them ---
+    mixed_precision: str = ""  # "no", "fp16" or "bf16" as computed; "" = the config's value
     gradient_checkpointing: bool = False  # as the run used it ("auto" resolved)
     # The base model, from A1111's checkpoint info when known.
     sd_model_name: str = ""
@@ -190,7 +192,7 @@ def _optimisation_metadata(config: TrainingConfig, run: TrainingRunInfo) -> dict
         "ss_lr_scheduler": config.lr_scheduler,
         "ss_optimizer": run.optimizer or _optimizer_description(config),
         "ss_max_grad_norm": str(config.max_grad_norm),
-        "ss_mixed_precision": config.mixed_precision,
+        "ss_mixed_precision": run.mixed_precision or config.mixed_precision,
         "ss_full_fp16": "False",
         "ss_seed": str(config.seed),
         "ss_clip_skip": str(config.clip_skip),

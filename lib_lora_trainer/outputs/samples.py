@@ -47,6 +47,7 @@ class SampleRequest:
     cfg_scale: float
     width: int
     height: int
+    clip_skip: int = 1  # the run's: its samples are rendered as it trained (A1111 puts it in the infotext)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ def sample_requests(
             cfg_scale=config.sample_cfg_scale,
             width=width,
             height=height,
+            clip_skip=config.clip_skip,
         )
         for index, prompt in enumerate(prompts)
     ]
@@ -183,8 +185,8 @@ class EulerSampleRenderer:
         timesteps = np.linspace(len(alphas) - 1, 0, request.steps).round().astype(np.int64)
         sigmas = [float(sigmas_all[t]) for t in timesteps] + [0.0]
         prompt = strip_lora_tags(request.prompt)
-        cond = self.host.encode_text([prompt])
-        uncond = self.host.encode_text([request.negative_prompt])
+        # one batch: a prompt longer than 75 tokens pads the negative prompt to its chunks (as A1111 does)
+        uncond, cond = self.host.encode_text([request.negative_prompt, prompt]).chunk(2)
         x = torch.randn(shape, generator=generator).to(device) * sigmas[0]
         for index, timestep in enumerate(timesteps):
             sigma, sigma_next = sigmas[index], sigmas[index + 1]

@@ -4,7 +4,8 @@ A1111 v1.10.1 installs torch 2.1.2 by default, and users upgrade it; everything 
 
 * TF32 matmuls on CUDA for the length of the run;
 * host-to-device copies that do not make the CPU wait for the GPU;
-* the fp16 gradient scaler (``torch.amp.GradScaler`` only exists from torch 2.3);
+* the fp16 gradient scaler (``torch.amp.GradScaler`` only exists from torch 2.3; the per-device rules
+  live in :mod:`~lib_lora_trainer.training.precision`);
 * no CPU flash attention backward in bf16/fp16 on the torch releases where it corrupts the heap
   (pytorch issues #132871 and #156022, fixed in 2.8): a training run would kill the whole WebUI.
 """
@@ -17,10 +18,10 @@ from collections.abc import Iterator
 
 import torch
 
+from lib_lora_trainer.training.precision import CPU_FLASH_BACKWARD_FIXED_IN, device_rule, resolve_precision
+
 log = logging.getLogger(__name__)
 
-# The first release with the fix for the CPU flash-attention backward (pytorch PR #156585).
-CPU_FLASH_BACKWARD_FIXED_IN = (2, 8)
 
 
 @contextlib.contextmanager
@@ -44,18 +45,17 @@ def to_device_async(tensor: torch.Tensor, device: torch.device, dtype: torch.dty
     A plain ``.to("cuda")`` of pageable memory synchronises the stream, so the CPU would wait for the
     previous step's kernels before queueing this one; a pinned copy is queued and returns at once.
     """
-    if device.type == "cuda" and tensor.device.type == "cpu":
+    if device_rule(device).pinned_copies and tensor.device.type == "cpu":
         return tensor.to(dtype).pin_memory().to(device, non_blocking=True)
     return tensor.to(device, dtype)
 
 
 def fp16_grad_scaler(device: torch.device, mixed_precision: str) -> torch.amp.GradScaler | None:
-    """The loss scaler fp16 training needs on CUDA, or None (bf16, fp32 and the CPU need none)."""
-    if mixed_precision != "fp16" or device.type != "cuda":
+    """The loss scaler an fp16 run on ``device`` needs, or None (bf16 and fp32 need none); see
+    :mod:`~lib_lora_trainer.training.precision` for the per-device rule."""
+    if mixed_precision != "fp16":
         return None
-    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
-        return torch.amp.GradScaler("cuda")
-    return torch.cuda.amp.GradScaler()
+    return resolve_precision(device, torch.float32, "fp16").grad_scaler()
 
 
 def cpu_flash_backward_unsafe(device: torch.device, mixed_precision: str, torch_version=None) -> bool:
@@ -70,8 +70,9 @@ def cpu_flash_backward_unsafe(device: torch.device, mixed_precision: str, torch_
 
 @contextlib.contextmanager
 def safe_cpu_attention(device: torch.device, mixed_precision: str) -> Iterator[None]:
-    """Route scaled-dot-product attention to its maths kernel where the flash one is unsafe; the flag is
-    put back afterwards. A no-op everywhere else (CUDA and fp32 keep the fast kernels)."""
+    """Route scaled-dot-product attention to its maths kernel where the flash one is unsafe (the
+    policy's :meth:`~lib_lora_trainer.training.precision.PrecisionPolicy.attention_guard` does the same
+    for a resolved run)."""
     if not cpu_flash_backward_unsafe(device, mixed_precision):
         yield
         return

@@ -41,12 +41,7 @@ from lib_lora_trainer.training.callbacks import (
     TrainingPlan,
     TrainingResult,
 )
-from lib_lora_trainer.training.device_settings import (
-    fp16_grad_scaler,
-    safe_cpu_attention,
-    tf32_matmul,
-    to_device_async,
-)
+from lib_lora_trainer.training.device_settings import tf32_matmul, to_device_async
 from lib_lora_trainer.training.loss import LossShaping
 from lib_lora_trainer.training.memory import (
     CheckpointingChoice,
@@ -64,6 +59,7 @@ from lib_lora_trainer.training.optim import (
     evaluation_weights,
     precheck_optimizer,
 )
+from lib_lora_trainer.training.precision import PrecisionPolicy, host_weight_dtype, resolve_precision
 from lib_lora_trainer.training.saving import RunLength, SavePolicy
 from lib_lora_trainer.training.state import (
     LoadedState,
@@ -152,16 +148,18 @@ def train(
         )
     initial_weights = _load_initial_weights(config)
 
+    precision = resolve_precision(host.device, host_weight_dtype(host.unet()), config.mixed_precision)
     torch.manual_seed(config.seed)
     options = HostOptions(
         train_text_encoder=_trains_text_encoder(config),
         clip_skip=config.clip_skip,
-        mixed_precision=config.mixed_precision,
+        mixed_precision=precision.compute,
+        weighted_captions=config.weighted_captions,
     )
     with (
         host.session(options),
         tf32_matmul(host.device),
-        safe_cpu_attention(host.device, config.mixed_precision),
+        precision.attention_guard(),
     ):
         try:
             _cache_latents(host, config, source, callbacks)
@@ -188,6 +186,7 @@ def train(
                 length,
                 dataset_facts or DatasetFacts(),
                 resumed,
+                precision,
             )
             return run.execute()
 
@@ -243,12 +242,14 @@ class _Run:
         length: RunLength,
         dataset_facts: DatasetFacts,
         resumed: LoadedState | None,
+        precision: PrecisionPolicy,
     ):
         self.host, self.config, self.source = host, config, source
         self.adapters, self.callbacks, self.files = adapters, callbacks, files
         self.length, self.dataset_facts = length, dataset_facts
         self.policy = SavePolicy(config, length)
         self.state = resumed.run if resumed else RunState.new(config.seed, uuid.uuid4().int % 2**31)
+        self.precision = precision
         self.device = host.device
         configured = config.parameterization
         self.parameterization = host.parameterization() if configured == "auto" else configured
@@ -264,7 +265,7 @@ class _Run:
         groups = adapter_param_groups(adapters, config, train_text_encoder=self.train_text_encoder)
         self.optimizer = build_optimizer(config, groups, self.device)
         self.scheduler = build_scheduler(config, self.optimizer, length.total_steps)
-        self.scaler = fp16_grad_scaler(self.device, config.mixed_precision)
+        self.scaler = precision.grad_scaler()
         self.cond_cache = self._cache_conditioning()
         self.checkpointing_stack = contextlib.ExitStack()
         self.checkpointing_on = False
@@ -304,6 +305,9 @@ class _Run:
     def _execute(self) -> TrainingResult:
         self.callbacks.on_start(self.plan)
         self.callbacks.on_phase("training", self.state.step, self.plan.total_steps)
+        log.info("%s", self.precision.reason)
+        if self.precision.notice:
+            self.callbacks.on_notice(self.precision.notice)
         log.info(
             "training %s: %d epochs x %d steps, %d adapted modules, %d trainable parameters; "
             "gradient checkpointing %s%s",
@@ -438,7 +442,7 @@ class _Run:
             need = estimate_step_bytes(
                 self.host,
                 lambda: self._conditioning(captions),
-                mixed_precision=self.config.mixed_precision,
+                mixed_precision=self.precision.compute,
                 batch_size=self.config.batch_size,
                 resolution=self.config.resolution,
                 trainable_parameters=self.trainable_parameters,
@@ -461,7 +465,7 @@ class _Run:
         latents = to_device_async(batch.latents, self.device, torch.float32)
         cond = self._conditioning(batch.captions)
         noised = self.loss_shaping.noise(latents)  # draws from torch's global RNG (order: training/loss.py)
-        with self.host.autocast(self.config.mixed_precision):
+        with self.host.autocast(self.precision.compute):
             prediction = self.host.predict(noised.noisy, noised.timesteps, cond)
         return self.loss_shaping.loss(prediction, noised, batch.loss_weights, batch.masks)
 
@@ -506,7 +510,7 @@ class _Run:
         captions = self.source.captions()
         cache = {}
         try:
-            with torch.no_grad(), self.host.autocast(self.config.mixed_precision):
+            with torch.no_grad(), self.host.autocast(self.precision.compute):
                 for index, caption in enumerate(captions):
                     self.callbacks.on_phase("caching captions", index, len(captions))
                     cache[caption] = self.host.encode_text([caption])[0]
@@ -524,7 +528,7 @@ class _Run:
         cached = [self.cond_cache.get(caption) for caption in captions]
         if cached and all(c is not None for c in cached) and len({c.shape for c in cached}) == 1:
             return torch.stack(cached)
-        with torch.set_grad_enabled(self.train_text_encoder), self.host.autocast(self.config.mixed_precision):
+        with torch.set_grad_enabled(self.train_text_encoder), self.host.autocast(self.precision.compute):
             return self.host.encode_text(list(captions))
 
     # --- reporting ----------------------------------------------------------------------------------
@@ -649,6 +653,8 @@ class _Run:
             parameterization=self.parameterization,
             optimizer=describe_optimizer(self.config),
             gradient_checkpointing=self.checkpointing_on,
+            mixed_precision=self.precision.compute,
+            max_token_length=self.host.max_token_length(),
             sd_model_name=info.name,
             sd_model_hash=info.hash_legacy,
             new_sd_model_hash=info.hash_sha256,

@@ -11,8 +11,8 @@ when a step would not fit otherwise:
 2. need = the part that grows with the image x 1.45 (backward's own buffers) + the part that does not
    (autocast's copies of the weights, the text encoder's activations) + the gradients and optimizer state
    of the trainable parameters + 448 MiB (latents, conditioning, allocator slack);
-3. free = what the device has free plus what torch's allocator holds unused (CUDA), or the system's
-   available memory (CPU);
+3. free = what the device has free plus what torch's allocator holds unused (CUDA), the system's
+   available memory (CPU), or Metal's recommended working set less what torch holds (Apple MPS);
 4. checkpointing goes on when need > 90 % of free.
 
 A step that still runs out of memory with checkpointing off switches it on and is done again (loop.py).
@@ -154,6 +154,8 @@ def free_cached_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -164,7 +166,18 @@ def available_bytes(device: torch.device) -> int | None:
         return int(free + held_unused)
     if device.type == "cpu":
         return _linux_available_memory()
+    if device.type == "mps":
+        return _mps_available_memory()
     return None
+
+
+def _mps_available_memory() -> int | None:
+    """Apple MPS: what Metal recommends this process may use, less what torch's driver holds already
+    (torch 2.5+ tells the first; before, the free memory is unknown and "auto" leaves checkpointing off)."""
+    recommended = getattr(torch.mps, "recommended_max_memory", None)
+    if recommended is None:
+        return None
+    return max(0, int(recommended()) - int(torch.mps.driver_allocated_memory()))
 
 
 def _linux_available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:

@@ -33,6 +33,7 @@ from lib_lora_trainer.config import (
     TrainingConfig,
     parse_arguments,
 )
+from lib_lora_trainer.training.precision import device_rule
 
 
 class OptimizerUnavailable(ConfigError):
@@ -206,7 +207,7 @@ def build_optimizer(config: TrainingConfig, groups: list[ParamGroup], device: to
 def _adamw(param_groups: list[dict], kwargs: dict[str, Any], device: torch.device) -> Optimizer:
     """torch's fused AdamW (one kernel over all parameters) where this torch has it for ``device``:
     CUDA always, the CPU from torch 2.4 on; else the default implementation."""
-    if device.type in ("cuda", "cpu") and "fused" not in kwargs and "foreach" not in kwargs:
+    if device_rule(device).fused_adamw and "fused" not in kwargs and "foreach" not in kwargs:  # not MPS
         try:
             # Copies: a failed constructor has already filled defaults into the group dicts.
             groups = [dict(group) for group in param_groups]

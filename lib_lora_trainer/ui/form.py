@@ -223,7 +223,8 @@ FIELDS: tuple[FieldSpec, ...] = (
     _f("clip_skip", "Clip skip", "int", ADVANCED, "1 for realistic models, 2 for most anime models.",
        minimum=1, maximum=12),
     _f("mixed_precision", "Mixed precision", "choice", ADVANCED,
-       "fp16 (most GPUs) or bf16 (RTX 30xx and newer).",
+       "auto: fp16 on a GPU with A1111's half-precision model, fp32 on the CPU and Apple MPS; "
+       "the file's metadata says what was used.",
        choices=MIXED_PRECISIONS),
     _f("gradient_checkpointing", "Gradient checkpointing", "choice", ADVANCED,
        "Less memory, 30-50% slower. auto = on only when a step would not fit in free memory.",
@@ -280,6 +281,10 @@ FIELDS: tuple[FieldSpec, ...] = (
     _f("lr_scheduler_args", "Schedule arguments", "text", ADVANCED,
        "key=value for the schedule: min_lr_rate=0.1 (cosine_with_min_lr), num_decay_steps=0.2 "
        "(warmup_stable_decay), step_rules=1:500,0.5:1000,0.1 (piecewise_constant)."),
+    # --- caption encoding (precision helper) ------------------------------------------------------
+    _f("weighted_captions", "Weighted captions", "bool", ADVANCED,
+       "Read (tag:1.2), [tag] and BREAK in captions as in a prompt; off: brackets are plain text, "
+       "as in ganyu (genshin impact)."),
 )  # fmt: skip
 
 FIELD_NAMES: tuple[str, ...] = tuple(spec.name for spec in FIELDS)

@@ -3,7 +3,9 @@
 Preparing the live model is a list of steps, each undone in reverse order when the session ends,
 whatever the exit: clear LoRAs the built-in Lora extension merged into the weights, unload
 hypernetworks, freeze every parameter, switch to scaled-dot-product attention, checkpoint the UNet
-blocks (non-reentrant) when asked, set clip skip. The checks that can refuse (--lowvram, fp8 weights, a
+blocks (non-reentrant) when asked. Captions are encoded by our own encoder over A1111's tokenizer and
+CLIP (literal unless weighted captions are on, clip skip from the run's settings), so nothing is
+written into the WebUI's settings. The checks that can refuse (--lowvram, fp8 weights, a
 custom UNet, a non-SD1 model) all run before the first change.
 """
 
@@ -25,6 +27,7 @@ from lib_lora_trainer.model.host import (
     frozen_parameters,
 )
 from lib_lora_trainer.model.ldm_parts import gradient_checkpointing
+from lib_lora_trainer.model.text_encoding import COMMA_PADDING_BACKTRACK, CaptionEncoder, ClipTokenizerView
 from lib_lora_trainer.webui.model_guard import model_changes_refused
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ class A1111Host:
     def __init__(self) -> None:
         _, devices, *_ = _modules()
         self.device = torch.device(devices.device)
+        self._encoder: CaptionEncoder | None = None
 
     # --- model access -------------------------------------------------------------------------------
     @staticmethod
@@ -85,10 +89,8 @@ class A1111Host:
 
     # --- compute ------------------------------------------------------------------------------------
     def autocast(self, mixed_precision: str) -> contextlib.AbstractContextManager[None]:
-        _, devices, *_ = _modules()
-        if mixed_precision == "no" and devices.dtype_unet != torch.float32:
-            # half-precision weights cannot run a float32 forward: use A1111's own autocast
-            return devices.autocast()
+        # ``mixed_precision`` is resolved against the weights' dtype (training/precision.py): "no" only
+        # ever comes with fp32 weights, so this is the whole autocast of a step.
         return autocast_for(self.device, mixed_precision)
 
     @torch.no_grad()
@@ -100,15 +102,22 @@ class A1111Host:
             return model.get_first_stage_encoding(posterior).float()
 
     def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
-        # A1111's own CLIP wrapper: its 75-token chunking, emphasis syntax and clip skip; no no_grad
-        # inside, so text-encoder adapters get gradients.
-        return self._model().cond_stage_model(list(captions))
+        # Our encoder over A1111's tokenizer and CLIP (model/text_encoding.py); no no_grad inside, so
+        # text-encoder adapters get gradients.
+        if self._encoder is None:
+            self._encoder = caption_encoder(self._model().cond_stage_model, clip_skip=1, weighted=False)
+        return self._encoder(captions, self.device)
+
+    def max_token_length(self) -> int | None:
+        return self._encoder.max_token_length() if self._encoder is not None else None
 
     def predict(
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
     ) -> torch.Tensor:
-        # apply_model is A1111's wrapper: it casts to the UNet's dtype and runs under its autocast
-        return self._model().apply_model(noisy_latents, timesteps, cond)
+        # The UNet itself, under the run's autocast: A1111's apply_model wrapper would open its own
+        # devices.autocast() inside (fp16 on CUDA whatever was resolved; on MPS a manual cast that
+        # converts the adapters' fp32 weights to fp16 and back at every call).
+        return self._model().model.diffusion_model(noisy_latents, timesteps, context=cond)
 
     def gradient_checkpointing(self, enabled: bool) -> contextlib.AbstractContextManager[None]:
         return gradient_checkpointing(self._model().model.diffusion_model, enabled)
@@ -128,8 +137,18 @@ class A1111Host:
             undo.enter_context(frozen_parameters(model))
             undo.enter_context(_kept_training_flags(model))
             undo.enter_context(_sdp_attention(sd_hijack))
-            undo.enter_context(_clip_skip(shared, options.clip_skip))
+            undo.enter_context(self._caption_encoding(model, options))
             yield
+
+    @contextlib.contextmanager
+    def _caption_encoding(self, model, options: HostOptions) -> Iterator[None]:
+        self._encoder = caption_encoder(
+            model.cond_stage_model, clip_skip=options.clip_skip, weighted=options.weighted_captions
+        )
+        try:
+            yield
+        finally:
+            self._encoder = None
 
     @staticmethod
     def _refuse_unsupported(model, options: HostOptions) -> None:
@@ -230,20 +249,51 @@ def _sdp_attention(sd_hijack) -> Iterator[None]:
         sd_hijack.model_hijack.apply_optimizations()
 
 
-@contextlib.contextmanager
-def _clip_skip(shared, clip_skip: int) -> Iterator[None]:
-    # opts.data holds only what the user changed from the defaults; leave it exactly as found.
-    key = "CLIP_stop_at_last_layers"
-    missing = object()
-    saved = shared.opts.data.get(key, missing)
-    shared.opts.data[key] = clip_skip
-    try:
-        yield
-    finally:
-        if saved is missing:
-            shared.opts.data.pop(key, None)
-        else:
-            shared.opts.data[key] = saved
+def caption_encoder(cond_stage_model, *, clip_skip: int, weighted: bool) -> CaptionEncoder:
+    """Our :class:`CaptionEncoder` over A1111's SD1 ``FrozenCLIPEmbedderWithCustomWords``: its tokenizer,
+    chunk tokens and comma backtrack; weighted captions through A1111's own parser and emphasis setting."""
+    from modules import shared
+
+    opts = shared.opts
+    wrapped = cond_stage_model.wrapped
+    tokenizer = ClipTokenizerView(wrapped.tokenizer, getattr(cond_stage_model, "comma_token", None))
+    tokenizer.bos_token_id = getattr(cond_stage_model, "id_start", tokenizer.bos_token_id)
+    tokenizer.eos_token_id = getattr(cond_stage_model, "id_end", tokenizer.eos_token_id)
+    backtrack = getattr(opts, "comma_padding_backtrack", COMMA_PADDING_BACKTRACK)
+    hijack = getattr(cond_stage_model, "hijack", None)
+
+    def clear_embedding_fixes() -> None:
+        # A1111's token embedding splices textual-inversion vectors at hijack.fixes; captions are literal.
+        if hijack is not None:
+            hijack.fixes = None
+
+    options = {}
+    if weighted:
+        from modules import prompt_parser, sd_emphasis
+
+        emphasis_name = getattr(opts, "emphasis", "Original")
+
+        def parse(text: str) -> list[tuple[str, float]]:
+            if emphasis_name == "None":  # A1111 then reads a prompt as plain text
+                return [(text, 1.0)]
+            return [(piece, weight) for piece, weight in prompt_parser.parse_prompt_attention(text)]
+
+        def emphasis(z: torch.Tensor, multipliers: torch.Tensor, tokens: list[list[int]]) -> torch.Tensor:
+            method = sd_emphasis.get_current_option(emphasis_name)()
+            method.tokens, method.multipliers, method.z = tokens, multipliers, z
+            method.after_transformers()
+            return method.z
+
+        options = {"parse": parse, "emphasis": emphasis}
+    return CaptionEncoder(
+        wrapped.transformer,
+        tokenizer,
+        clip_skip=clip_skip,
+        weighted=weighted,
+        backtrack=backtrack,
+        before_chunk=clear_embedding_fixes,
+        **options,
+    )
 
 
 def _reset_conditioning_cache(processing) -> None:

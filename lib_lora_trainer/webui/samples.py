@@ -143,7 +143,8 @@ class A1111SampleRenderer:
             height=request.height,
             do_not_save_samples=True,
             do_not_save_grid=True,
-            override_settings={"sd_model_checkpoint": pinned},
+            # clip skip reaches the render through the override, never the WebUI's settings themselves
+            override_settings={"sd_model_checkpoint": pinned, "CLIP_stop_at_last_layers": request.clip_skip},
             override_settings_restore_afterwards=True,
             extra_generation_params={"Lora hashes": hashes} if hashes else {},
         )

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib_lora_trainer.training import device_settings
+from lib_lora_trainer.training import device_settings, precision
 from lib_lora_trainer.training.device_settings import (
     cpu_flash_backward_unsafe,
     fp16_grad_scaler,
@@ -42,8 +42,13 @@ def test_batch_tensors_reach_the_device_with_the_training_dtype():
     assert moved.dtype == torch.float32 and torch.equal(moved, latents.float())
 
 
-def test_only_fp16_on_cuda_gets_a_loss_scaler():
-    assert fp16_grad_scaler(CPU, "fp16") is None
+def test_only_fp16_gets_a_loss_scaler():
+    if precision.torch_release() >= (2, 3):  # fp16 on the CPU is scaled too
+        assert isinstance(fp16_grad_scaler(CPU, "fp16"), torch.amp.GradScaler)
+    else:  # ... and refused where this torch has no CPU scaler
+        with pytest.raises(precision.PrecisionRefused, match="loss scaling"):
+            fp16_grad_scaler(CPU, "fp16")
+    assert fp16_grad_scaler(CPU, "bf16") is None
     assert fp16_grad_scaler(CUDA, "bf16") is None
     assert fp16_grad_scaler(CUDA, "no") is None
     with pytest.warns(UserWarning):  # this machine has no CUDA, so the scaler disables itself
@@ -90,7 +95,7 @@ def test_unsafe_torch_trains_with_the_maths_kernel_and_the_flag_comes_back(monke
 
 
 def test_a_bf16_run_on_an_unsafe_torch_completes(monkeypatch, tmp_path):
-    monkeypatch.setattr(device_settings, "CPU_FLASH_BACKWARD_FIXED_IN", (99, 0))
+    monkeypatch.setattr(precision, "CPU_FLASH_BACKWARD_FIXED_IN", (99, 0))
     seen = []
     original = F.scaled_dot_product_attention
 

@@ -14,16 +14,20 @@ changed; ``unload_model_weights`` calls ``send_model_to_cpu`` by its module name
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
+import tempfile
 import threading
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
+from torch import nn
 
 
 class State:
@@ -404,3 +408,140 @@ def install(
     monkeypatch.setitem(sys.modules, "modules", package)
     monkeypatch.setitem(sys.modules, "networks", networks)
     return types.SimpleNamespace(recorder=recorder, networks=networks, **modules)
+
+
+# --- A1111's SD1 prompt encoder (precision helper) ---------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def tiny_clip_tokenizer():
+    """A real transformers ``CLIPTokenizer`` over CLIP's 512 byte-level base tokens (no merges): each
+    character is one token, ``,</w>`` exists (so A1111's comma backtrack can be exercised). Fits the tiny
+    text encoder's 1000-word vocabulary."""
+    import json
+
+    from transformers import CLIPTokenizer
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    characters = list(bytes_to_unicode().values())
+    vocab = characters + [c + "</w>" for c in characters] + ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+class FrozenCLIPEmbedderWithCustomWords(nn.Module):
+    """A1111 v1.10.1's SD1 prompt encoder (``modules/sd_hijack_clip.py``), written here from its source:
+    prompt parsing unless ``opts.emphasis`` is "None", 75-token chunks of BOS + tokens + EOS padding
+    + EOS with the comma backtrack (``opts.comma_padding_backtrack``), BREAK starts a chunk, the batch
+    padded with empty chunks, clip skip from ``opts.CLIP_stop_at_last_layers`` (hidden_states[-N] and the
+    final layer norm), "Original" emphasis (weights, then the mean restored) on every chunk.
+
+    ``parse`` stands in for ``prompt_parser.parse_prompt_attention``; ``opts`` is ``shared.opts``."""
+
+    def __init__(self, tokenizer, transformer, opts, parse, hijack=None):
+        super().__init__()
+        self.wrapped = nn.Module()  # ldm's FrozenCLIPEmbedder: .tokenizer and .transformer
+        self.wrapped.tokenizer = tokenizer
+        self.wrapped.transformer = transformer
+        self.opts = opts
+        self.parse = parse
+        self.hijack = hijack or types.SimpleNamespace(fixes=None)
+        self.chunk_length = 75
+        self.comma_token = tokenizer.get_vocab().get(",</w>")
+        self.id_start = tokenizer.bos_token_id
+        self.id_end = tokenizer.eos_token_id
+        self.calls = 0
+
+    def _opt(self, key, default):
+        return getattr(self.opts, key, self.opts.data.get(key, default))
+
+    def tokenize(self, texts):
+        return self.wrapped.tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
+
+    def tokenize_line(self, line):
+        parsed = self.parse(line) if self._opt("emphasis", "Original") != "None" else [[line, 1.0]]
+        tokenized = self.tokenize([text for text, _ in parsed])
+        chunks = []
+        tokens, multipliers = [], []
+        backtrack = self._opt("comma_padding_backtrack", 20)
+        last_comma = -1
+
+        def next_chunk():
+            nonlocal tokens, multipliers, last_comma
+            to_add = self.chunk_length - len(tokens)
+            if to_add > 0:
+                tokens += [self.id_end] * to_add
+                multipliers += [1.0] * to_add
+            chunks.append(([self.id_start] + tokens + [self.id_end], [1.0] + multipliers + [1.0]))
+            tokens, multipliers, last_comma = [], [], -1
+
+        for ids, (text, weight) in zip(tokenized, parsed, strict=True):
+            if text == "BREAK" and weight == -1:
+                next_chunk()
+                continue
+            for token in ids:
+                if token == self.comma_token:
+                    last_comma = len(tokens)
+                elif (
+                    backtrack != 0
+                    and len(tokens) == self.chunk_length
+                    and last_comma != -1
+                    and len(tokens) - last_comma <= backtrack
+                ):
+                    moved_tokens, moved_mults = tokens[last_comma + 1 :], multipliers[last_comma + 1 :]
+                    tokens, multipliers = tokens[: last_comma + 1], multipliers[: last_comma + 1]
+                    next_chunk()
+                    tokens, multipliers = moved_tokens, moved_mults
+                if len(tokens) == self.chunk_length:
+                    next_chunk()
+                tokens.append(token)
+                multipliers.append(weight)
+        if tokens or not chunks:
+            next_chunk()
+        return chunks
+
+    def forward(self, texts):
+        self.calls += 1
+        batch = [self.tokenize_line(text) for text in texts]
+        empty = ([self.id_start] + [self.id_end] * 76, [1.0] * 77)
+        outputs = []
+        for index in range(max(len(chunks) for chunks in batch)):
+            chunk = [chunks[index] if index < len(chunks) else empty for chunks in batch]
+            ids = torch.tensor([tokens for tokens, _ in chunk])
+            skip = self._opt("CLIP_stop_at_last_layers", 1)
+            out = self.wrapped.transformer(input_ids=ids, output_hidden_states=True)
+            z = out.last_hidden_state
+            if skip > 1:
+                z = self.wrapped.transformer.text_model.final_layer_norm(out.hidden_states[-skip])
+            multipliers = torch.tensor([mults for _, mults in chunk])
+            mean = z.mean()
+            z = z * multipliers.reshape(multipliers.shape + (1,)).expand(z.shape)
+            outputs.append(z * (mean / z.mean()))
+        return torch.hstack(outputs)
+
+
+def install_prompt_modules(monkeypatch, parse) -> types.SimpleNamespace:
+    """``modules.prompt_parser`` (with ``parse``) and ``modules.sd_emphasis`` ("Original", "None")."""
+    prompt_parser = types.ModuleType("modules.prompt_parser")
+    prompt_parser.parse_prompt_attention = lambda text: [[piece, weight] for piece, weight in parse(text)]
+    sd_emphasis = types.ModuleType("modules.sd_emphasis")
+
+    class Original:
+        def after_transformers(self):
+            mean = self.z.mean()
+            self.z = self.z * self.multipliers.reshape(self.multipliers.shape + (1,)).expand(self.z.shape)
+            self.z = self.z * (mean / self.z.mean())
+
+    class NoEmphasis:
+        def after_transformers(self):
+            pass
+
+    options = {"Original": Original, "None": NoEmphasis, "Ignore": NoEmphasis}
+    sd_emphasis.get_current_option = lambda name: options.get(name, Original)
+    package = sys.modules.get("modules")
+    for made in (prompt_parser, sd_emphasis):
+        monkeypatch.setitem(sys.modules, made.__name__, made)
+        if package is not None:
+            monkeypatch.setattr(package, made.__name__.split(".")[1], made, raising=False)
+    return types.SimpleNamespace(prompt_parser=prompt_parser, sd_emphasis=sd_emphasis)

@@ -13,30 +13,18 @@ import torch
 from torch import nn
 
 from lib_lora_trainer.dataset.base import InMemoryBatchSource
+from lib_lora_trainer.dataset.prompt_syntax import parse_weighted
 from lib_lora_trainer.model.host import HostRefused
 from lib_lora_trainer.model.ldm_parts import sd_alphas_cumprod
-from lib_lora_trainer.model.standalone import HashTokenizer, build_random_host
+from lib_lora_trainer.model.standalone import build_random_host
 from lib_lora_trainer.training.loop import TrainingCallbacks, train
 from tests.engine.helpers import make_images, state_fingerprint, tiny_config
+from tests.webui.stand_ins import FrozenCLIPEmbedderWithCustomWords, tiny_clip_tokenizer
 
 
-class CondStage(nn.Module):
-    """Like A1111's FrozenCLIPEmbedderWithCustomWords: called with captions, honours clip skip."""
-
-    def __init__(self, transformer, shared):
-        super().__init__()
-        self.wrapped = nn.Module()
-        self.wrapped.transformer = transformer
-        self._tokenizer = HashTokenizer(transformer.config.vocab_size)
-        self._shared = shared
-
-    def forward(self, texts):
-        ids = self._tokenizer(texts)
-        skip = self._shared.opts.data.get("CLIP_stop_at_last_layers", 1)
-        out = self.wrapped.transformer(input_ids=ids, output_hidden_states=True)
-        if skip <= 1:
-            return out.last_hidden_state
-        return self.wrapped.transformer.text_model.final_layer_norm(out.hidden_states[-skip])
+def a1111_cond_stage(transformer, shared):
+    """A1111's FrozenCLIPEmbedderWithCustomWords over the tiny CLIP and a real (tiny) CLIP tokenizer."""
+    return FrozenCLIPEmbedderWithCustomWords(tiny_clip_tokenizer(), transformer, shared.opts, parse_weighted)
 
 
 class FakeSdModel(nn.Module):
@@ -47,7 +35,7 @@ class FakeSdModel(nn.Module):
         self.model.diffusion_model = parts.unet()
         self.model.conditioning_key = "crossattn"
         self.first_stage_model = parts.vae()
-        self.cond_stage_model = CondStage(parts.text_encoder(), shared)
+        self.cond_stage_model = a1111_cond_stage(parts.text_encoder(), shared)
         self.alphas_cumprod_original = sd_alphas_cumprod()
         self.register_buffer("alphas_cumprod", self.alphas_cumprod_original.half())
         self.parameterization = "eps"
@@ -162,7 +150,7 @@ def test_training_gives_the_model_back_exactly(webui, tmp_path):
 
     assert result.status == "completed"
     assert fingerprint(webui) == before
-    assert clip_skip_seen == [2, []]
+    assert clip_skip_seen == [1, []]  # clip skip 2 is applied by our encoder, not through the settings
     assert webui.shared.opts.data["CLIP_stop_at_last_layers"] == 1
     assert webui.shared.loaded_hypernetworks == ["user's hypernetwork"]
     assert attention_calls(webui) == [("attention", "sdp - scaled dot product"), ("attention", None)]
@@ -226,20 +214,18 @@ def test_unsupported_states_are_refused_before_any_change(webui, tmp_path, setup
 
 def test_exception_mid_step_restores_everything(webui, tmp_path):
     before = fingerprint(webui)
-    model = webui.shared.sd_model
+    unet = webui.shared.sd_model.model.diffusion_model
     calls = {"n": 0}
-    original = model.apply_model
 
-    def failing(x, t, c):
+    def failing(module, args):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return original(x, t, c)
 
-    model.apply_model = failing
+    handle = unet.register_forward_pre_hook(failing)  # the host runs the UNet itself, under its autocast
     with pytest.raises(RuntimeError, match="simulated"):
         train(host(), tiny_config(tmp_path, clip_skip=2), source())
-    del model.apply_model
+    handle.remove()
     assert fingerprint(webui) == before
     assert webui.shared.opts.data["CLIP_stop_at_last_layers"] == 1
     assert webui.shared.loaded_hypernetworks == ["user's hypernetwork"]

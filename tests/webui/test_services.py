@@ -224,7 +224,10 @@ def test_samples_render_through_txt2img_pinned_with_fresh_conditioning_and_rng_r
     assert processing.StableDiffusionProcessing.cached_c == [None, None]
     for p in webui.recorder.processings:
         assert p.disable_extra_networks and p.closed and p.do_not_save_samples
-        assert p.override_settings == {"sd_model_checkpoint": "random-sd15.safetensors [ac6f958213]"}
+        assert p.override_settings == {
+            "sd_model_checkpoint": "random-sd15.safetensors [ac6f958213]",
+            "CLIP_stop_at_last_layers": 1,
+        }
     assert first[0].infotext.startswith("ohwx, pose 0 <lora:alice-000001:1>")
     assert first[0].image.info["parameters"] == first[0].infotext
     assert webui.shared.state.current_image is second[0].image

@@ -63,6 +63,21 @@ def reset_conditioning_cache() -> None:
 
 
 @contextmanager
+def _overrides_left_out_of_settings(overrides: dict) -> Iterator[None]:
+    """A1111's ``override_settings_restore_afterwards`` restores only the keys ``opts.data`` already had
+    (``modules/processing.py`` ``process_images``); a key it lacked would stay written into the settings a
+    later save persists. Such keys are taken out again afterwards."""
+    from modules import shared
+
+    absent = [key for key in overrides if key not in shared.opts.data]
+    try:
+        yield
+    finally:
+        for key in absent:
+            shared.opts.data.pop(key, None)
+
+
+@contextmanager
 def kept_random_state() -> Iterator[None]:
     """Put torch's (CPU and CUDA), Python's and numpy's generators back as they were."""
     cpu = torch.get_rng_state()
@@ -149,7 +164,7 @@ class A1111SampleRenderer:
             extra_generation_params={"Lora hashes": hashes} if hashes else {},
         )
         p.disable_extra_networks = True  # render the adapters in memory, load nothing from disk
-        with closing(p):
+        with closing(p), _overrides_left_out_of_settings(p.override_settings):
             processed = processing.process_images(p)
             if loaded_checkpoint_title() != pinned:
                 raise SampleError(f"The checkpoint changed while {name} rendered; the sample is not kept.")

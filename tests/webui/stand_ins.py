@@ -273,7 +273,8 @@ def install(
         return f"{all_prompts[index]}{negative}\n{text}".strip()
 
     def process_images(p):
-        stored = {k: shared.opts.data.get(k) for k in p.override_settings}
+        # as A1111 v1.10.1: only the keys the settings already hold are restored afterwards
+        stored = {k: shared.opts.data[k] for k in p.override_settings if k in shared.opts.data}
         try:
             if sd_models.checkpoint_aliases.get(p.override_settings.get("sd_model_checkpoint")) is None:
                 p.override_settings.pop("sd_model_checkpoint", None)

@@ -14,7 +14,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 # The loss is read back to the CPU once per this many steps (and at every epoch end): reading it every
 # step would make the CPU wait for the GPU each step.
 LOSS_READ_INTERVAL = 10
+# Measures a deterministic validation loss on the weights as they are: (host, source, mixed precision).
+Validation = Callable[[TrainingHost, BatchSource, str], float]
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class EpochSaved:
     step: int
     mean_loss: float
     path: Path
+    validation_loss: float | None = None
 
 
 @dataclass
@@ -145,6 +148,7 @@ def train(
     *,
     dataset_facts: DatasetFacts | None = None,
     image_count: int | None = None,
+    validation: Validation | None = None,
 ) -> TrainingResult:
     """Train one LoRA as ``config`` says; every epoch file lands in ``config.output_dir``."""
     callbacks = callbacks or TrainingCallbacks()
@@ -176,6 +180,7 @@ def train(
             if initial_weights:
                 adapters.load(initial_weights)
             run = _Run(host, config, source, adapters, callbacks, output_dir, dataset_facts or DatasetFacts())
+            run.validation = validation
             return run.execute()
 
 
@@ -286,6 +291,7 @@ class _Run:
         self.losses: list[float] = []
         self.epoch_losses: list[float] = []
         self.saved: list[EpochSaved] = []
+        self.validation: Validation | None = None
 
     # --- the loop -----------------------------------------------------------------------------------
     def execute(self) -> TrainingResult:
@@ -505,6 +511,10 @@ class _Run:
 
     def _finish_epoch(self, epoch: int) -> None:
         self._read_losses()
+        validation_loss = None
+        if self.validation is not None:
+            validation_loss = self.validation(self.host, self.source, self.config.mixed_precision)
+            log.info("epoch %d validation loss %.6f", epoch, validation_loss)
         last = epoch == self.config.epochs
         if epoch % self.config.save_every_n_epochs and not last:
             return
@@ -515,7 +525,7 @@ class _Run:
             for (component, name), weights in self.adapters.export().items()
         }
         kohya_format.save_kohya_lora(path, modules, self._metadata(epoch), self.config.save_precision)
-        saved = EpochSaved(epoch=epoch, step=self.step, mean_loss=mean_loss, path=path)
+        saved = EpochSaved(epoch, self.step, mean_loss, path, validation_loss)
         self.saved.append(saved)
         log.info("saved epoch %d to %s (mean loss %.4f)", epoch, path, mean_loss)
         self.callbacks.on_epoch_saved(saved)

@@ -20,7 +20,7 @@ from lib_lora_trainer.dataset.report import DatasetReport, build_report
 from lib_lora_trainer.dataset.scan import scan_dataset
 from lib_lora_trainer.dataset.source import DatasetError, build_batch_source
 from lib_lora_trainer.model.host import TrainingHost
-from lib_lora_trainer.training.loop import DatasetFacts, TrainingCallbacks, TrainingResult, train
+from lib_lora_trainer.training.loop import DatasetFacts, TrainingCallbacks, TrainingResult, Validation, train
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def run_training(
     face_finder: FaceFinder | None = None,
     vae_id: str = "",
     cache_dir: str | Path | None = None,
+    validation: Validation | None = None,
 ) -> TrainingResult:
     """Scan, plan and train. Every check runs before the host's model is touched."""
     ensure_valid(config)
@@ -69,7 +70,15 @@ def run_training(
         tag_frequency=report.ss_tag_frequency,
         bucket_info=report.ss_bucket_info,
     )
-    return train(host, config, source, callbacks, dataset_facts=facts, image_count=prepared.image_count)
+    return train(
+        host,
+        config,
+        source,
+        callbacks,
+        dataset_facts=facts,
+        image_count=prepared.image_count,
+        validation=validation,
+    )
 
 
 class _PrintProgress(TrainingCallbacks):

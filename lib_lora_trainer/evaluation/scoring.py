@@ -441,3 +441,24 @@ def write_recommendation(run: RunOutputs, verdict: Verdict) -> Path | None:
         f"{notes} | Recommended epoch of the run at weight {verdict.weight:g}: {verdict.rule}".strip()
     )
     return atomic_write_text(card_path, json.dumps(card, indent=4, ensure_ascii=False))
+
+
+def load_training_images(config: TrainingConfig, limit: int = MAX_TRAINING_IMAGES) -> list[Image.Image]:
+    """The run's training images (at most ``limit``, at most 512 px a side), each with its ``filename``."""
+    from lib_lora_trainer.dataset.images import ImageLoadError, load_image
+    from lib_lora_trainer.dataset.scan import scan_dataset
+
+    images: list[Image.Image] = []
+    for subset in scan_dataset(config).train_subsets:
+        for record in subset.images:
+            if len(images) >= limit:
+                return images
+            try:
+                image = load_image(record.path).image.convert("RGB")
+            except ImageLoadError as error:
+                logger.warning("not scored against %s: %s", record.path.name, error)
+                continue
+            image.thumbnail((512, 512))
+            image.filename = str(record.path)
+            images.append(image)
+    return images

@@ -11,6 +11,7 @@ global torch generators are restored after every call, and dropout is off while 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 from collections.abc import Iterator
@@ -19,7 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lib_lora_trainer.config import TrainingConfig
 from lib_lora_trainer.dataset.base import BatchSource, TrainingBatch
+from lib_lora_trainer.dataset.crop import FaceFinder
+from lib_lora_trainer.dataset.scan import scan_dataset
+from lib_lora_trainer.dataset.source import DatasetError, build_batch_source
 from lib_lora_trainer.model.host import TrainingHost
 
 logger = logging.getLogger(__name__)
@@ -160,3 +165,39 @@ class DeterministicValidation:
                     total += per_sample.double().sum().cpu()
                     count += latents.shape[0]
         return float(total / count)
+
+
+def validation_for(
+    config: TrainingConfig, face_finder: FaceFinder | None = None
+) -> DeterministicValidation | None:
+    """The validation ``config`` asks for: over its held-out folder, else over the training images.
+
+    Raises :class:`~lib_lora_trainer.dataset.source.DatasetError` when the held-out folder is unusable.
+    """
+    if not config.validation_loss:
+        return None
+    if not config.validation_dir.strip():
+        return DeterministicValidation(parameterization=config.parameterization)
+    held_out_config = dataclasses.replace(
+        config,
+        train_data_dir=config.validation_dir,
+        dataset_layout="flat",
+        flat_repeats=1,
+        reg_data_dir="",
+        batch_size=1,
+        flip_aug=False,
+        color_aug=False,
+        shuffle_caption=False,
+        caption_dropout_rate=0.0,
+        caption_tag_dropout_rate=0.0,
+        cache_latents=True,
+        cache_latents_to_disk=False,
+    )
+    dataset = scan_dataset(held_out_config)
+    if not dataset.usable:
+        raise DatasetError(
+            [f"the held-out images folder {config.validation_dir} has no usable images; "
+             "empty the field to measure the validation loss on the training images"]
+        )  # fmt: skip
+    held_out = build_batch_source(held_out_config, dataset, face_finder=face_finder)
+    return DeterministicValidation(held_out, parameterization=config.parameterization)

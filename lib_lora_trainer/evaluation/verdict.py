@@ -81,15 +81,16 @@ def choose_epoch(
         )
     best_likeness = max(row.likeness for row in keeping if row.likeness is not None)
     chosen = next(row for row in keeping if row.likeness >= best_likeness - likeness_margin)
-    fidelity_text = (
+    among = (
         ""
         if baseline_fidelity is None
-        else f" with prompt fidelity within {fidelity_margin:g} of the base model's"
+        else f" among the epochs whose prompt fidelity stays within {fidelity_margin:g} of the base model's "
+        f"({baseline_fidelity:.3f})"
     )
     return Verdict(
         chosen.epoch,
-        f"Epoch {chosen.epoch} is the earliest epoch{fidelity_text} whose likeness "
-        f"({chosen.likeness:.3f}) is within {likeness_margin:g} of the best ({best_likeness:.3f}).",
+        f"Epoch {chosen.epoch} is the earliest epoch whose likeness ({chosen.likeness:.3f}) is within "
+        f"{likeness_margin:g} of the best ({best_likeness:.3f}){among}.",
     )
 
 

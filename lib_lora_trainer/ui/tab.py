@@ -43,6 +43,7 @@ from lib_lora_trainer.ui.form import (
     values_from_config,
 )
 from lib_lora_trainer.ui.jobs import TrainingJobs
+from lib_lora_trainer.ui.scoring import ScoringPanel
 from lib_lora_trainer.ui.services import GridSettings, HostServices
 
 logger = logging.getLogger(__name__)
@@ -275,6 +276,9 @@ class _Tab:
         self.epochs_gallery = gr.Gallery(
             label="Epoch previews", columns=6, height=220, elem_id="lct_epoch_previews"
         )
+        # --- epoch scores (lib_lora_trainer.ui.scoring) ---
+        self.scoring_panel = ScoringPanel(self.services, self.jobs, self.actions.output_folder)
+        self.scoring_panel.build()
         with gr.Row():
             self.extra_prompt = gr.Textbox(label="More prompt text", elem_id="lct_compare_prompt")
             self.compare_negative = gr.Textbox(label="Negative prompt", elem_id="lct_compare_negative")
@@ -419,6 +423,7 @@ class _Tab:
         )
         # new epochs are announced to the Lora extension on the server; the cards are HTML in the page
         self.results_version.change(None, None, None, _js=REFRESH_CARDS_JS)
+        self.scoring_panel.wire(self.run_choice, self.results_version)
 
     # --- handlers: dataset and captions ---------------------------------------------------------------
     def on_scan(self, *values):

@@ -59,7 +59,14 @@ def kept_random_state() -> Iterator[None]:
 
 
 class A1111SampleRenderer:
-    """:class:`~lib_lora_trainer.outputs.samples.SampleRenderer` over ``modules.processing``."""
+    """:class:`~lib_lora_trainer.outputs.samples.SampleRenderer` over ``modules.processing``.
+
+    ``apply_lora_tags``: the Lora extension loads each prompt's ``<lora:stem:w>`` from disk (epoch
+    scoring after training); by default the adapters in memory are rendered and nothing is loaded.
+    """
+
+    def __init__(self, apply_lora_tags: bool = False):
+        self.apply_lora_tags = apply_lora_tags
 
     def render(self, requests: Sequence[SampleRequest], folder: Path, file_stem: str) -> list[RenderedSample]:
         results = []
@@ -71,8 +78,7 @@ class A1111SampleRenderer:
                 reset_conditioning_cache()
         return results
 
-    @staticmethod
-    def _render_one(request: SampleRequest, folder: Path, name: str) -> RenderedSample:
+    def _render_one(self, request: SampleRequest, folder: Path, name: str) -> RenderedSample:
         from modules import images, processing, shared
 
         reset_conditioning_cache()
@@ -92,7 +98,7 @@ class A1111SampleRenderer:
             override_settings=pinned_checkpoint_settings(),
             override_settings_restore_afterwards=True,
         )
-        p.disable_extra_networks = True  # render the adapters in memory, load nothing from disk
+        p.disable_extra_networks = not self.apply_lora_tags  # else: the adapters in memory, nothing loaded
         with closing(p):
             processed = processing.process_images(p)
         if not processed.images:

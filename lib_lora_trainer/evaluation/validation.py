@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SEED = 20240601
 DEFAULT_TIMESTEPS = 4
 DEFAULT_MAX_IMAGES = 8
+MEASURE_BATCH = 4  # images of one shape measured in one forward pass (no gradients: little memory)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,26 @@ def evaluation_mode(*modules: torch.nn.Module) -> Iterator[None]:
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+def _merged(items: list[_Item]) -> list[_Item]:
+    """Consecutive items of one latent shape joined into batches of up to MEASURE_BATCH images."""
+    merged: list[_Item] = []
+    for item in items:
+        last = merged[-1] if merged else None
+        if (
+            last is not None
+            and last.latents.shape[1:] == item.latents.shape[1:]
+            and last.latents.shape[0] + item.latents.shape[0] <= MEASURE_BATCH
+        ):
+            merged[-1] = _Item(
+                torch.cat([last.latents, item.latents]),
+                last.captions + item.captions,
+                torch.cat([last.noise, item.noise], dim=1),
+            )
+        else:
+            merged.append(item)
+    return merged
 
 
 class DeterministicValidation:
@@ -123,7 +144,7 @@ class DeterministicValidation:
                 break
         if not items:
             raise ValueError("the validation set has no images")
-        self._items = items
+        self._items = _merged(items)
         schedule = len(host.alphas_cumprod())
         # the centres of ``timesteps`` equal slices of the schedule: from low to high noise
         centres = [int((index + 0.5) * schedule / self.timesteps) for index in range(self.timesteps)]

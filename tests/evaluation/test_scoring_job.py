@@ -82,18 +82,11 @@ def test_training_scores_every_epoch_and_the_recommended_card_carries_the_weight
 
     assert 'data-validation="2"' in chart_html(job.snapshot())
 
-    # later, from Results: the same run scored again keeps the validation losses of training
-    panel = ScoringPanel(services, jobs, lambda: job.run.folder)
-    shown = list(panel.on_score(job.run.name))
-    assert "Recommended" in shown[-1]
-    again = load_scores(job.run)
-    assert [r["validation_loss"] for r in again["epochs"]] == [r["validation_loss"] for r in data["epochs"]]
-
 
 @pytest.mark.slow
 def test_stop_during_scoring_leaves_the_epochs_and_cards_intact(services, jobs, dataset):
     write_models_dir(services.scorer_dir)
-    job = trained(jobs, dataset, evaluate_epochs=False)
+    job = trained(jobs, dataset, evaluate_epochs=False, epochs=1)
     run: RunOutputs = job.run
     before = {path.name: path.read_bytes() for path in run.folder.iterdir()}
     scoring = scoring_for(services, jobs)
@@ -106,6 +99,14 @@ def test_stop_during_scoring_leaves_the_epochs_and_cards_intact(services, jobs, 
     assert scoring_job.snapshot().state == "stopped"
     assert not scores_path(run).exists()
     assert {path.name: path.read_bytes() for path in run.folder.iterdir()} == before
+    assert "stopped" in scores_html(None, scoring_job.snapshot()).lower()
+
+    # Score epochs from Results, on the finished run: the panel streams progress, then the table
+    panel = ScoringPanel(services, jobs, lambda: run.folder)
+    shown = list(panel.on_score(run.name))
+    assert "Recommended" in shown[-1] and 'data-state="completed"' in shown[-1]
+    data = load_scores(run)
+    assert [row["epoch"] for row in data["epochs"]] == [1]
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from lib_lora_trainer.dataset.base import InMemoryBatchSource
@@ -66,6 +67,7 @@ class Recorder(TrainingCallbacks):
         self.saved.append(saved)
 
 
+@pytest.mark.slow
 def test_falls_across_epochs_on_a_tiny_overfit_set_and_leaves_training_unchanged(tmp_path):
     config = tiny_config(tmp_path / "with", epochs=4, batch_size=1, unet_lr=3e-3, train_text_encoder=False)
     recorder = Recorder()

@@ -401,7 +401,7 @@ class TrainingJobs:
     def _checked_paths(self, config: TrainingConfig) -> TrainingConfig:
         policy = self.services.path_policy()
         changes = {"train_data_dir": str(policy.check(config.train_data_dir))}
-        for name in ("reg_data_dir", "network_weights"):
+        for name in ("reg_data_dir", "network_weights", "validation_dir"):
             value = getattr(config, name).strip()
             if value:
                 changes[name] = str(policy.check(value))

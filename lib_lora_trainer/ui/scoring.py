@@ -120,6 +120,9 @@ class ScoringJob:
         except (ConfigError, DatasetError, ValueError, OSError) as error:
             self._finish("failed", f"Scoring failed: {error}")
         except Exception as error:  # anything else must still end the job visibly
+            if self.should_stop():  # the host's Interrupt ends a render with an error of its own
+                self._finish("stopped", "Scoring was stopped; the epochs and their cards are unchanged.")
+                return
             logger.exception("scoring %s failed", self.run.name)
             self._finish("failed", f"Scoring failed: {type(error).__name__}: {error}")
         finally:

@@ -126,14 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     rendered = [renderer.render([r], root / "spread", f"s-{i}")[0].image for i, r in enumerate(requests)]
     per_image = metrics.likeness(scorers.likeness.embed(rendered), training.likeness).per_image
     grid = np.array(per_image, dtype=float).reshape(len(prompts), args.spread_seeds)  # prompt x seed
-    spread = []
-    for k in range(1, args.spread_seeds + 1):
-        means = [
-            grid[:, list(chosen)].mean() for chosen in itertools.combinations(range(args.spread_seeds), k)
-        ]
-        spread.append(
-            {"seeds": k, "images": k * len(prompts), "sd_of_epoch_likeness": statistics.pstdev(means)}
-        )
+    spread = spread_table(grid)
     texts_checked = fidelity_text(prompts[0].text, job.config.trigger_word, job.config.class_token)
     scorers.close()
 
@@ -155,6 +148,25 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS_DIR / f"{args.tag}.md").write_text(markdown(result), encoding="utf-8")
     print(markdown(result))
     return 0
+
+
+def spread_table(grid: np.ndarray) -> list[dict]:
+    """For k seeds: the sd of the epoch's likeness over every k-subset of the measured seeds (it shrinks
+    to 0 at k = all seeds by construction), and the standard error sd(per-seed means) / sqrt(k)."""
+    seeds = grid.shape[1]
+    seed_sd = statistics.stdev(grid.mean(axis=0).tolist()) if seeds > 1 else float("nan")
+    rows = []
+    for k in range(1, seeds + 1):
+        means = [grid[:, list(chosen)].mean() for chosen in itertools.combinations(range(seeds), k)]
+        rows.append(
+            {
+                "seeds": k,
+                "images": k * grid.shape[0],
+                "sd_of_epoch_likeness": statistics.pstdev(means),
+                "standard_error": seed_sd / k**0.5,
+            }
+        )
+    return rows
 
 
 def markdown(result: dict) -> str:
@@ -179,11 +191,12 @@ def markdown(result: dict) -> str:
         "Spread of an epoch's likeness over the choice of seeds (standard deviation over every subset of k "
         "seeds, every prompt):",
         "",
-        "| seeds per prompt | images | sd of the epoch's likeness |",
-        "|---:|---:|---:|",
+        "| seeds per prompt | images | sd over k-subsets of the seeds | sd(seed means) / sqrt(k) |",
+        "|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {row['seeds']} | {row['images']} | {row['sd_of_epoch_likeness']:.4f} |"
+        f"| {row['seeds']} | {row['images']} | {row['sd_of_epoch_likeness']:.4f} | "
+        f"{row['standard_error']:.4f} |"
         for row in result["spread"]
     ]
     return "\n".join(lines) + "\n"

@@ -47,3 +47,18 @@ def test_the_real_tab_has_the_score_button_and_table(services, jobs):
     assert any(hook.__self__.__class__.__name__ == "EpochScoring" for hook in jobs.on_finished)
     build_app(services, jobs)  # a second page layout must not hook the scoring twice
     assert len(jobs.on_finished) == 1
+
+
+def test_the_loss_chart_draws_the_validation_loss_beside_the_training_loss():
+    from lib_lora_trainer.ui.loss_chart import loss_chart_svg
+
+    steps = [(step, 0.5 - step / 100) for step in range(1, 21)]
+    epochs = [(10, 0.42), (20, 0.34)]
+    svg = loss_chart_svg(steps, epochs, validation_losses=[(10, 0.61), (20, float("nan"))])
+    assert 'data-validation="1"' in svg and svg.count('class="lct-validation-loss"') == 1
+    assert "validation loss 0.6100 at step 10" in svg and "validation loss</text>" in svg
+    assert ">0.61<" in svg  # the axis grows to hold it
+    plain = loss_chart_svg(steps, epochs)
+    assert 'data-validation="0"' in plain and "lct-validation" not in plain
+    only_validation = loss_chart_svg([], [], validation_losses=[(4, 0.2)])
+    assert 'data-validation="1"' in only_validation

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lib_lora_trainer.config import ConfigError, TrainingConfig
+from lib_lora_trainer.config import ConfigError, TrainingConfig, output_name_problem
 from lib_lora_trainer.dataset.source import DatasetError
 from lib_lora_trainer.evaluation.scoring import (
     RunScorer,
@@ -338,7 +338,16 @@ class ScoringPanel:
         results_version.change(self.watch, [run_choice], [self.scores])
 
     def _run(self, run_name: str) -> RunOutputs:
+        problem = output_name_problem(run_name)
+        if problem:  # a run name is a file stem in the Lora folder, never a path
+            raise ValueError(f"Choose a run first ({problem}).")
         return RunOutputs(run_name, self.output_folder())
+
+    def _scores(self, run_name: str | None) -> dict[str, Any] | None:
+        try:
+            return load_scores(self._run(run_name)) if run_name else None
+        except ValueError:
+            return None
 
     def on_score(self, run_name: str | None) -> Iterator[str]:
         if not run_name:
@@ -347,24 +356,20 @@ class ScoringPanel:
         try:
             self.scoring.start(self._run(run_name))
         except (ValueError, ConfigError, OSError) as error:
-            yield scores_html(
-                load_scores(self._run(run_name)), ScoringSnapshot(run_name, "failed", str(error))
-            )
+            yield scores_html(self._scores(run_name), ScoringSnapshot(run_name, "failed", str(error)))
             return
         yield from self.watch(run_name)
 
     def on_stop(self, run_name: str | None) -> str:
         message = self.scoring.stop()
-        data = load_scores(self._run(run_name)) if run_name else None
-        return scores_html(data, ScoringSnapshot(run_name or "", "stopped", message))
+        return scores_html(self._scores(run_name), ScoringSnapshot(run_name or "", "stopped", message))
 
     def watch(self, run_name: str | None) -> Iterator[str]:
         """The run's scores; while its scoring job runs, its progress every second until it ends."""
         while True:
             job = self.scoring.current()
             snapshot = job.snapshot() if job is not None and job.run.name == run_name else None
-            data = load_scores(self._run(run_name)) if run_name else None
-            yield scores_html(data, snapshot)
+            yield scores_html(self._scores(run_name), snapshot)
             if snapshot is None or not snapshot.running:
                 return
             time.sleep(POLL_SECONDS)

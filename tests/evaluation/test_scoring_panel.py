@@ -62,3 +62,12 @@ def test_the_loss_chart_draws_the_validation_loss_beside_the_training_loss():
     assert 'data-validation="0"' in plain and "lct-validation" not in plain
     only_validation = loss_chart_svg([], [], validation_losses=[(4, 0.2)])
     assert 'data-validation="1"' in only_validation
+
+
+def test_a_run_name_that_is_a_path_is_refused(services, jobs, tmp_path):
+    from lib_lora_trainer.ui.scoring import ScoringPanel
+
+    panel = ScoringPanel(services, jobs, lambda: tmp_path)
+    (shown,) = list(panel.on_score("../../etc"))
+    assert 'data-state="failed"' in shown and "must not contain" in shown
+    assert "not been scored yet" in list(panel.watch("../x"))[-1]

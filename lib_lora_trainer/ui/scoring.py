@@ -225,6 +225,8 @@ class EpochScoring:
             self.start(job.run, job.config, losses)
         except (ValueError, ConfigError) as error:
             logger.warning("epochs of %s not scored: %s", job.run.name, error)
+        except Exception:  # the training thread runs this hook: it must end normally whatever happens
+            logger.exception("epochs of %s not scored", job.run.name)
 
 
 _SCORING: weakref.WeakKeyDictionary[TrainingJobs, EpochScoring] = weakref.WeakKeyDictionary()

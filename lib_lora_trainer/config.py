@@ -52,6 +52,7 @@ SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 DATASET_LAYOUTS = ("flat", "kohya")
 PARAMETERIZATIONS = ("auto", "eps", "v")
 GRADIENT_CHECKPOINTING = ("auto", "on", "off")
+EVALUATION_SCORERS = ("auto", "face", "character")
 
 # What A1111's Lora folder scan and every file system accept without surprises.
 OUTPUT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -191,6 +192,16 @@ class TrainingConfig:
     # Off: captions are trained as plain text, brackets and all (kohya's default); on: (tag:1.2), [tag]
     # and BREAK are read as A1111 reads them in a prompt (kohya's --weighted_captions).
     weighted_captions: bool = False
+    # --- epoch scoring and validation loss ------------------------------------------------------
+    evaluate_epochs: bool = True  # score every saved epoch after training (when the scorers are there)
+    evaluation_scorer: str = "auto"  # likeness: "auto" (faces in most images -> face), "face", "character"
+    evaluation_near_prompts: list[str] = field(default_factory=list)  # empty: trigger + class, 3 framings
+    evaluation_far_prompts: list[str] = field(default_factory=list)  # empty: astronaut, pencil, kimono
+    evaluation_seeds: int = 3
+    evaluation_steps: int = 20
+    evaluation_size: int = 0  # 0 = the training resolution
+    validation_loss: bool = True  # a deterministic loss after every epoch, beside the training loss
+    validation_dir: str = ""  # held-out images (with captions); empty: a fixed subset of the training images
 
     # --- samples --------------------------------------------------------------------------------
     sample_every_n_epochs: int = 1
@@ -455,6 +466,17 @@ def validate(config: TrainingConfig, *, need_dataset: bool = True) -> list[str]:
     problems += _loss_and_optimizer_problems(config)
     # --- network kinds, dropout, LoRA+, block weights, max norm (networks) ---
     problems += network_option_problems(config)
+    # --- epoch scoring and validation loss
+    check(
+        config.evaluation_scorer in EVALUATION_SCORERS,
+        f"likeness scorer must be one of {EVALUATION_SCORERS}",
+    )
+    check(1 <= config.evaluation_seeds <= 16, "evaluation seeds must be between 1 and 16")
+    check(config.evaluation_steps >= 1, "evaluation steps must be at least 1")
+    check(
+        config.evaluation_size == 0 or (config.evaluation_size >= 64 and config.evaluation_size % 8 == 0),
+        "evaluation size must be 0 (the training resolution) or a multiple of 8 from 64",
+    )
     return problems
 
 
@@ -573,7 +595,14 @@ FLOAT_LIMITS: dict[str, float] = {"lr_warmup_steps": 1e9}
 # prompts: 64 KiB each is far more than any comment or prompt needs.
 MAX_TEXT_BYTES = 64 * 1024
 MAX_PATH_BYTES = 4096
-PATH_FIELDS = ("output_dir", "train_data_dir", "reg_data_dir", "network_weights", "conditioning_data_dir")
+PATH_FIELDS = (
+    "output_dir",
+    "train_data_dir",
+    "reg_data_dir",
+    "network_weights",
+    "conditioning_data_dir",
+    "validation_dir",
+)
 
 
 def _value_problems(config: TrainingConfig) -> tuple[list[str], TrainingConfig]:

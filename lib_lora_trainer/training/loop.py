@@ -16,7 +16,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +95,12 @@ __all__ = [
 # The loss is read back to the CPU after the first step, then once per this many steps (and at every
 # epoch end and state save): reading it every step would make the CPU wait for the GPU each step.
 LOSS_READ_INTERVAL = 10
+# Measures a deterministic validation loss on the weights as they are: (host, source, mixed precision).
+Validation = Callable[[TrainingHost, BatchSource, str], float]
+
+
+# A validation loss measured at every epoch end (evaluation/validation.py): (host, data, precision).
+Validation = Callable[[TrainingHost, BatchSource, str], float]
 
 
 class _StoppedWhilePreparing(Exception):
@@ -115,6 +121,7 @@ def train(
     image_count: int | None = None,
     resume_from: str | Path | None = None,
     allow_mismatch: bool = False,
+    validation: Validation | None = None,
 ) -> TrainingResult:
     """Train one LoRA as ``config`` says; every epoch file lands in ``config.output_dir``.
 
@@ -188,6 +195,7 @@ def train(
                 resumed,
                 precision,
             )
+            run.validation = validation
             return run.execute()
 
 
@@ -294,6 +302,7 @@ class _Run:
             resumed.path if resumed else None,
         )
         self.pending_losses: list[tuple[int, torch.Tensor]] = []
+        self.validation: Validation | None = None
 
     # --- the loop -----------------------------------------------------------------------------------
     def execute(self) -> TrainingResult:
@@ -586,12 +595,15 @@ class _Run:
         self._read_losses()
         losses = self.state.epoch_losses
         mean_loss = sum(losses) / max(1, len(losses))
+        validation_loss = None
+        if self.validation is not None:  # its own generator: the training RNG is left as it was
+            validation_loss = self.validation(self.host, self.source, self.precision.compute)
+            log.info("epoch %d validation loss %.6f", self.state.epoch, validation_loss)
         if self.policy.epoch_file_due(self.state.epoch):
-            self._save_file("epoch", self.state.epoch)
-        # (validation loss at each epoch end goes here)
+            self._save_file("epoch", self.state.epoch, validation_loss)
         self.state.epoch_done(mean_loss, self.rng)
 
-    def _save_file(self, kind: str, number: int) -> None:
+    def _save_file(self, kind: str, number: int, validation_loss: float | None = None) -> None:
         """Write an epoch or step file (refused when not finite), then drop what save_last_n_* drops."""
         self._read_losses()
         losses = self.state.epoch_losses
@@ -613,7 +625,12 @@ class _Run:
             except OSError as error:
                 raise _SaveFailed(self._save_failed_message(path, error)) from None
             saved = EpochSaved(
-                epoch=self.state.epoch, step=self.state.step, mean_loss=mean_loss, path=path, kind=kind
+                epoch=self.state.epoch,
+                step=self.state.step,
+                mean_loss=mean_loss,
+                path=path,
+                kind=kind,
+                validation_loss=validation_loss,
             )
             self.state.saved.append(saved)
             log.info("saved %s (step %d, mean loss %.4f)", path, self.state.step, mean_loss)

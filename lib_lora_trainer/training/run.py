@@ -23,7 +23,7 @@ from lib_lora_trainer.dataset.scan import scan_dataset
 from lib_lora_trainer.dataset.source import DatasetError, build_batch_source
 from lib_lora_trainer.files import remove_stale_temporaries
 from lib_lora_trainer.model.host import HostRefused, TrainingHost
-from lib_lora_trainer.training.loop import DatasetFacts, TrainingCallbacks, TrainingResult, train
+from lib_lora_trainer.training.loop import DatasetFacts, TrainingCallbacks, TrainingResult, Validation, train
 from lib_lora_trainer.training.state import StateError
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def run_training(
     cache_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
     allow_mismatch: bool = False,
+    validation: Validation | None = None,
 ) -> TrainingResult:
     """Scan, plan and train (or go on from a training state). Every check runs before the host's
     model is touched."""
@@ -87,6 +88,7 @@ def run_training(
         image_count=prepared.image_count,
         resume_from=resume_from,
         allow_mismatch=allow_mismatch,
+        validation=validation,
     )
 
 

@@ -80,6 +80,7 @@ class EpochSaved:
     mean_loss: float
     path: Path
     kind: str = "epoch"
+    validation_loss: float | None = None  # evaluation/validation.py, at the epoch's end
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from lib_lora_trainer.dataset.crop import preview_crop
 from lib_lora_trainer.dataset.images import ImageLoadError
 from lib_lora_trainer.dataset.report import build_report
 from lib_lora_trainer.dataset.scan import scan_dataset
+from lib_lora_trainer.evaluation.scoring import load_scores
 from lib_lora_trainer.files import read_text_file
 from lib_lora_trainer.kohya_ss_import import load_kohya_ss_json
 from lib_lora_trainer.outputs.compare import (
@@ -329,6 +330,10 @@ class TabActions:
         weight_axis: bool = False,
     ) -> EpochComparison:
         stems = [entry.stem for entry in self.epochs(run_name)]
+        # the recommended epoch (scored runs) comes first: txt2img's prompt starts from it
+        recommended = (load_scores(self.run_outputs(run_name)) or {}).get("recommended") or {}
+        if recommended.get("stem") in stems:
+            stems.insert(0, stems.pop(stems.index(recommended["stem"])))
         try:
             return build_comparison(
                 stems,
@@ -337,6 +342,7 @@ class TabActions:
                 negative_prompt=negative_prompt,
                 seed_count=int(seed_count),
                 rng_seed=zlib.crc32(run_name.encode("utf-8")),  # the same seeds in txt2img and in the grid
+                weight=float(recommended.get("weight") or 1.0),
                 weights=DEFAULT_WEIGHTS if weight_axis else None,
             )
         except ComparisonError as error:

@@ -15,6 +15,7 @@ from typing import Any
 from lib_lora_trainer.config import (
     AUTO_MASKS,
     DATASET_LAYOUTS,
+    EVALUATION_SCORERS,
     GRADIENT_CHECKPOINTING,
     HUBER_SCHEDULES,
     LOSS_TYPES,
@@ -142,6 +143,30 @@ FIELDS: tuple[FieldSpec, ...] = (
     _f("sample_seed", "Sample seed", "int", SAMPLES, "The first prompt's seed; the next prompts count up."),
     _f("sample_width", "Sample width", "int", SAMPLES, "0 = the training resolution.", minimum=0),
     _f("sample_height", "Sample height", "int", SAMPLES, "0 = the training resolution.", minimum=0),
+    # --- samples: epoch scoring and validation loss ------------------------------------------------
+    _f("evaluate_epochs", "Score every epoch after training", "bool", SAMPLES,
+       "Render the evaluation prompts for each epoch and the base model, score likeness, prompt fidelity "
+       "and variety, and recommend an epoch and a weight (needs the scoring models; training is "
+       "unaffected)."),
+    _f("evaluation_scorer", "Likeness scorer", "choice", SAMPLES,
+       "auto: the face model when most training images show a face, else the drawn-character model.",
+       choices=EVALUATION_SCORERS),
+    _f("evaluation_near_prompts", "Evaluation prompts close to the captions (one per line)", "textarea",
+       SAMPLES, "Empty: trigger word + class word as a portrait, upper body and full body."),
+    _f("evaluation_far_prompts", "Evaluation prompts far from the captions (one per line)", "textarea",
+       SAMPLES, "Empty: as an astronaut on the moon, a pencil drawing, in a kimono at a temple. Write the "
+       "trigger word where the character goes."),
+    _f("evaluation_seeds", "Evaluation seeds", "int", SAMPLES,
+       "Images per prompt and epoch (2-4 is enough: see the README's measured spread).", minimum=1,
+       maximum=16),
+    _f("evaluation_steps", "Evaluation steps", "int", SAMPLES, "Sampling steps of each evaluation image.",
+       minimum=1),
+    _f("evaluation_size", "Evaluation size", "int", SAMPLES, "Side of the evaluation images (0 = training "
+       "resolution).", minimum=0),
+    _f("validation_loss", "Validation loss", "bool", SAMPLES,
+       "After every epoch, a loss with fixed noise, timesteps and captions (comparable epoch to epoch)."),
+    _f("validation_dir", "Held-out images folder (optional)", "text", SAMPLES,
+       "Images kept out of training for the validation loss; empty: a fixed few of the training images."),
     # --- training: advanced -----------------------------------------------------------------------
     _f("save_precision", "Save precision", "choice", ADVANCED,
        "fp16 halves the file size at no visible cost.",

@@ -13,11 +13,13 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib_lora_trainer.config import ConfigError, TrainingConfig, ensure_valid
 from lib_lora_trainer.dataset.source import DatasetError
+from lib_lora_trainer.evaluation.validation import validation_for
 from lib_lora_trainer.model.host import HostRefused
 from lib_lora_trainer.outputs.registry import (
     EpochCard,
@@ -75,6 +77,7 @@ class EpochResult:
     samples: tuple[Path, ...] = ()
     registered: bool = False
     problem: str = ""
+    validation_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,7 @@ class TrainingJob:
         self._stop = threading.Event()
         self._frame: JobFrame | None = None
         self._thread = threading.Thread(target=self._main, name=f"lora-train-{run.name}", daemon=True)
+        self.on_finished: list[Callable[[TrainingJob], None]] = []  # run after the GPU lock is released
 
     # --- control ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -230,6 +234,7 @@ class TrainingJob:
                     vae_id=self.services.vae_id(),
                     resume_from=self.resume_from,
                     allow_mismatch=self.allow_mismatch,
+                    validation=validation_for(self.config, self.services.face_finder()),
                 )
             self._update(state=result.status, message=result.message)
             self._log(result.message)
@@ -248,6 +253,8 @@ class TrainingJob:
         finally:
             self._frame = None
             self._ended()
+        for hook in self.on_finished:
+            hook(self)
 
     def _started(self) -> None:
         with self._lock:
@@ -342,6 +349,7 @@ class TrainingJob:
             samples=tuple(sample.path for sample in samples if sample.path is not None),
             registered=not problem,
             problem=problem,
+            validation_loss=saved.validation_loss,
         )
         with self._lock:
             self._state.epoch_results.append(result)
@@ -429,6 +437,7 @@ class TrainingJobs:
         self.services = services
         self._lock = threading.Lock()
         self._current: TrainingJob | None = None
+        self.on_finished: list[Callable[[TrainingJob], None]] = []  # given to every job it starts
 
     def current(self) -> TrainingJob | None:
         return self._current
@@ -468,6 +477,7 @@ class TrainingJobs:
             job = TrainingJob(
                 self.services, config, run, registry, task_id or self.services.new_task_id("train")
             )
+            job.on_finished = list(self.on_finished)
             self._current = job
             job.start()
             return job
@@ -527,7 +537,7 @@ class TrainingJobs:
     def _checked_paths(self, config: TrainingConfig) -> TrainingConfig:
         policy = self.services.path_policy()
         changes = {"train_data_dir": str(policy.check(config.train_data_dir))}
-        for name in ("reg_data_dir", "network_weights"):
+        for name in ("reg_data_dir", "network_weights", "validation_dir"):
             value = getattr(config, name).strip()
             if value:
                 changes[name] = str(policy.check(value))

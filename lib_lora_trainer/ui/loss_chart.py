@@ -1,7 +1,8 @@
 """The loss chart of the Run section, drawn as inline SVG (no plotting library, no JavaScript).
 
-Three series on one step axis: the loss of each step as read back (thin), its moving average (thick)
-and each epoch's mean loss (dots at the epoch's last step).
+Four series on one step axis: the loss of each step as read back (thin), its moving average (thick),
+each epoch's mean loss (dots at the epoch's last step) and, when measured, each epoch's deterministic
+validation loss (squares joined by a dashed line).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ WIDTH, HEIGHT = 640, 240
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 56, 16, 16, 36
 DEFAULT_WINDOW = 20
 RAW_COLOUR, AVERAGE_COLOUR, EPOCH_COLOUR = "#9db4d6", "#1f5fbf", "#d9480f"
+VALIDATION_COLOUR = "#2b8a3e"
 
 
 def moving_average(values: Sequence[float], window: int = DEFAULT_WINDOW) -> list[float]:
@@ -37,21 +39,24 @@ def loss_chart_svg(
     *,
     window: int = DEFAULT_WINDOW,
     total_steps: int | None = None,
+    validation_losses: Sequence[tuple[int, float]] = (),
 ) -> str:
-    """The chart as an ``<svg>`` element; ``epoch_losses`` are (last step of the epoch, mean loss)."""
+    """The chart as an ``<svg>`` element; ``epoch_losses`` and ``validation_losses`` are
+    (last step of the epoch, loss)."""
     steps = _finite(step_losses)
     epochs = _finite(epoch_losses)
-    if not steps and not epochs:
+    validation = _finite(validation_losses)
+    if not steps and not epochs and not validation:
         return (
             f'<svg class="lct-loss-chart" data-points="0" viewBox="0 0 {WIDTH} {HEIGHT}" '
             f'width="100%" role="img"><text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" '
             'fill="#888">The loss appears here once training has run a few steps.</text></svg>'
         )
-    values = [v for _, v in steps] + [v for _, v in epochs]
+    values = [v for _, v in steps] + [v for _, v in epochs] + [v for _, v in validation]
     low, high = min(values), max(values)
     if high - low < 1e-9:
         low, high = low - 0.5, high + 0.5
-    last_step = max([s for s, _ in steps] + [s for s, _ in epochs] + [total_steps or 0, 1])
+    last_step = max([s for s, _ in steps + epochs + validation] + [total_steps or 0, 1])
 
     def x(step: float) -> float:
         return MARGIN_LEFT + (WIDTH - MARGIN_LEFT - MARGIN_RIGHT) * step / last_step
@@ -68,6 +73,7 @@ def loss_chart_svg(
 
     parts = [
         f'<svg class="lct-loss-chart" data-points="{len(steps)}" data-epochs="{len(epochs)}" '
+        f'data-validation="{len(validation)}" '
         f'viewBox="0 0 {WIDTH} {HEIGHT}" width="100%" role="img" aria-label="training loss">',
         f'<rect x="{MARGIN_LEFT}" y="{MARGIN_TOP}" width="{WIDTH - MARGIN_LEFT - MARGIN_RIGHT}" '
         f'height="{HEIGHT - MARGIN_TOP - MARGIN_BOTTOM}" fill="none" stroke="#8884"/>',
@@ -87,7 +93,19 @@ def loss_chart_svg(
             f'<circle class="lct-epoch-loss" cx="{x(step):.1f}" cy="{y(value):.1f}" r="4" '
             f'fill="{EPOCH_COLOUR}"><title>epoch mean {value:.4f} at step {step}</title></circle>'
         )
-    parts.append(_legend())
+    if validation:
+        coords = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in validation)
+        parts.append(
+            f'<polyline class="lct-validation-line" points="{coords}" fill="none" '
+            f'stroke="{VALIDATION_COLOUR}" stroke-width="1.5" stroke-dasharray="4 3"/>'
+        )
+    for step, value in validation:
+        parts.append(
+            f'<rect class="lct-validation-loss" x="{x(step) - 4:.1f}" y="{y(value) - 4:.1f}" width="8" '
+            f'height="8" fill="{VALIDATION_COLOUR}"><title>validation loss {value:.4f} at step {step}'
+            "</title></rect>"
+        )
+    parts.append(_legend(bool(validation)))
     parts.append("</svg>")
     return "".join(parts)
 
@@ -99,8 +117,10 @@ def _label(x: float, y: float, text: str, anchor: str) -> str:
     )
 
 
-def _legend() -> str:
+def _legend(with_validation: bool = False) -> str:
     items = [(RAW_COLOUR, "loss per step"), (AVERAGE_COLOUR, "moving average"), (EPOCH_COLOUR, "epoch mean")]
+    if with_validation:
+        items.append((VALIDATION_COLOUR, "validation loss"))
     out, left = [], MARGIN_LEFT
     for colour, text in items:
         out.append(f'<rect x="{left}" y="{HEIGHT - 14}" width="10" height="10" fill="{colour}"/>')

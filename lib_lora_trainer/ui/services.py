@@ -32,6 +32,8 @@ class TabDefaults:
     lora_subfolder: str = "character_trainer"  # below the Lora folder
     samples_subfolder: str = "lora-trainer"  # below the txt2img output folder
     allow_tagger_download: bool = True
+    scorer_models_dir: str = ""  # where the epoch-scoring models are kept (downloaded once)
+    allow_scorer_download: bool = True
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,11 @@ class HostServices(Protocol):
         ...
 
     def sample_renderer(self) -> SampleRenderer: ...
+
+    def lora_renderer(self) -> SampleRenderer:
+        """A renderer that loads each prompt's ``<lora:stem:w>`` from the Lora folder (epoch scoring,
+        after training: the model is the host's own again)."""
+        ...
 
     def notify_lora_added(self, stem: str, path: Path) -> None:
         """Tell the host's LoRA list about a new file at once (no restart, no refresh click)."""

@@ -38,7 +38,9 @@ from lib_lora_trainer.outputs.compare import (
 )
 from lib_lora_trainer.outputs.samples import (
     EulerSampleRenderer,
+    RenderedSample,
     SampleRequest,
+    format_infotext,
     save_sample,
 )
 from lib_lora_trainer.paths import PathPolicy
@@ -150,6 +152,7 @@ class StandaloneServices:
         self.grids_dir = self.root / "outputs" / "txt2img-grids"
         self.datasets_dir = self.root / "datasets"
         self.tagger_dir = self.root / "models" / "wd14_tagger"
+        self.scorer_dir = self.root / "models" / "lora_trainer_scorers"
         for folder in (self.lora_dir, self.samples_dir, self.grids_dir, self.datasets_dir, self.tagger_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.confined = confined
@@ -178,6 +181,8 @@ class StandaloneServices:
             dataset_dir=str(self.datasets_dir),
             tagger_models_dir=str(self.tagger_dir),
             allow_tagger_download=False,
+            scorer_models_dir=str(self.scorer_dir),
+            allow_scorer_download=False,
         )
 
     def lora_roots(self) -> list[Path]:
@@ -222,6 +227,10 @@ class StandaloneServices:
     # --- outputs ------------------------------------------------------------------------------------
     def sample_renderer(self) -> EulerSampleRenderer:
         return EulerSampleRenderer(self.host, self._decode, model_name=self.host.base_model_info().name)
+
+    def lora_renderer(self) -> _LoraTagRenderer:
+        """Renders with each prompt's ``<lora:stem:w>`` loaded from the Lora folder (epoch scoring)."""
+        return _LoraTagRenderer(self)
 
     def notify_lora_added(self, stem: str, path: Path) -> None:
         self.announced.append(stem)
@@ -308,6 +317,22 @@ class StandaloneServices:
                     for _, layer in adapters.layers():
                         adapters.kind.scale_update(layer, weight)
                 return renderer.render_image(request)  # it leaves the <lora:...> tag out of the prompt
+
+
+@dataclass
+class _LoraTagRenderer:
+    services: StandaloneServices
+
+    def render(self, requests: Sequence[SampleRequest], folder: Path, file_stem: str) -> list[RenderedSample]:
+        renderer = self.services.sample_renderer()
+        results = []
+        for index, request in enumerate(requests):
+            image = self.services._render_with_lora(renderer, request)
+            infotext = format_infotext(request, sampler=renderer.sampler_name, model_name=renderer.model_name)
+            name = file_stem if len(requests) == 1 else f"{file_stem}-{index:02d}"
+            path = save_sample(image, infotext, folder, name)
+            results.append(RenderedSample(request, image, infotext, path))
+        return results
 
 
 def _typed(name: str, value: str) -> Any:

@@ -51,6 +51,7 @@ from lib_lora_trainer.ui.form import (
 from lib_lora_trainer.ui.form_memory import FormMemory
 from lib_lora_trainer.ui.jobs import JobSnapshot, TrainingJobs
 from lib_lora_trainer.ui.resume import ResumeActions, ResumeControls
+from lib_lora_trainer.ui.scoring import ScoringPanel
 from lib_lora_trainer.ui.services import GridSettings, HostServices
 from lib_lora_trainer.ui.uploads import RefusedUpload, UploadFile
 
@@ -337,6 +338,9 @@ class _Tab:
         self.epochs_gallery = gr.Gallery(
             label="Epoch previews", columns=6, height=220, elem_id="lct_epoch_previews"
         )
+        # --- epoch scores (lib_lora_trainer.ui.scoring) ---
+        self.scoring_panel = ScoringPanel(self.services, self.jobs, self.actions.output_folder)
+        self.scoring_panel.build()
         with gr.Row():
             self.extra_prompt = gr.Textbox(label="More prompt text", elem_id="lct_compare_prompt")
             self.compare_negative = gr.Textbox(label="Negative prompt", elem_id="lct_compare_negative")
@@ -492,6 +496,7 @@ class _Tab:
         self.render_grid_button.click(
             self.on_render_grid, compare_inputs, [self.grid_image, self.results_message]
         )
+        self.scoring_panel.wire(self.run_choice, self.results_version)
 
     # --- handlers: dataset and captions ---------------------------------------------------------------
     def on_scan(self, values: dict):

@@ -66,7 +66,12 @@ def chart_html(snapshot: JobSnapshot | None) -> str:
     if snapshot is None:
         return loss_chart_svg([])
     epochs = [(result.step, result.mean_loss) for result in snapshot.epoch_results]
-    return loss_chart_svg(snapshot.losses, epochs, total_steps=snapshot.total_steps)
+    validation = [
+        (r.step, r.validation_loss) for r in snapshot.epoch_results if r.validation_loss is not None
+    ]
+    return loss_chart_svg(
+        snapshot.losses, epochs, total_steps=snapshot.total_steps, validation_losses=validation
+    )
 
 
 def samples_gallery(snapshot: JobSnapshot | None) -> list[tuple[str, str]]:

@@ -124,10 +124,14 @@ def lora_hashes_text(prompt: str, lora_folder: Path | None) -> str:
 class A1111SampleRenderer:
     """:class:`~lib_lora_trainer.outputs.samples.SampleRenderer` over ``modules.processing``.
 
-    ``lora_folder`` is where the epoch files are (for "Lora hashes" in the infotext)."""
+    ``lora_folder`` is where the epoch files are (for "Lora hashes" in the infotext). ``apply_lora_tags``: the
+    Lora extension loads each prompt's ``<lora:stem:w>`` from disk (epoch scoring after training); by
+    default the adapters in memory are rendered and nothing is loaded.
+    """
 
-    def __init__(self, lora_folder: Path | None = None):
+    def __init__(self, lora_folder: Path | None = None, apply_lora_tags: bool = False):
         self.lora_folder = lora_folder
+        self.apply_lora_tags = apply_lora_tags
 
     def render(self, requests: Sequence[SampleRequest], folder: Path, file_stem: str) -> list[RenderedSample]:
         results = []
@@ -163,7 +167,7 @@ class A1111SampleRenderer:
             override_settings_restore_afterwards=True,
             extra_generation_params={"Lora hashes": hashes} if hashes else {},
         )
-        p.disable_extra_networks = True  # render the adapters in memory, load nothing from disk
+        p.disable_extra_networks = not self.apply_lora_tags  # else: the adapters in memory, nothing loaded
         with closing(p), _overrides_left_out_of_settings(p.override_settings):
             processed = processing.process_images(p)
             if loaded_checkpoint_title() != pinned:

@@ -123,6 +123,8 @@ class A1111Services:
             lora_subfolder=str(settings.value("lct_lora_subfolder")),
             samples_subfolder=str(settings.value("lct_samples_subfolder")),
             allow_tagger_download=bool(settings.value("lct_allow_tagger_download")),
+            scorer_models_dir=str(settings.value("lct_scorer_models_dir")),
+            allow_scorer_download=bool(settings.value("lct_allow_scorer_download")),
         )
 
     def lora_roots(self) -> list[Path]:
@@ -208,6 +210,10 @@ class A1111Services:
         roots = self.lora_roots()
         folder = roots[0] / safe_relative_subfolder(self.defaults().lora_subfolder) if roots else None
         return A1111SampleRenderer(lora_folder=folder)
+
+    def lora_renderer(self) -> A1111SampleRenderer:
+        """txt2img with the Lora extension loading each prompt's epoch from disk (epoch scoring)."""
+        return A1111SampleRenderer(apply_lora_tags=True)
 
     def notify_lora_added(self, stem: str, path: Path) -> None:
         networks = sys.modules.get("networks")

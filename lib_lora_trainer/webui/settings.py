@@ -36,6 +36,13 @@ def options(data_path: str, models_path: str) -> list[Option]:
         ),
         Option("lct_allow_tagger_download", True, "Download a missing WD14 tagger model from Hugging Face"),
         Option(
+            "lct_scorer_models_dir",
+            os.path.join(models_path, "lora_trainer_scorers"),
+            "Epoch-scoring model folder (face, character and CLIP models, each downloaded into it once)",
+            is_path=True,
+        ),
+        Option("lct_allow_scorer_download", True, "Download a missing epoch-scoring model from Hugging Face"),
+        Option(
             "lct_lora_subfolder",
             "character_trainer",
             "Subfolder of the Lora folder for trained epochs",

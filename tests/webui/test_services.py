@@ -246,3 +246,15 @@ def test_the_script_registers_the_tab_settings_and_start_up_note(webui, tmp_path
     (binding,) = webui.infotext_utils.registered_param_bindings  # "Compare in txt2img"
     assert binding.tabname == "txt2img" and binding.paste_button.value == "Compare in txt2img"
     callbacks["on_app_started"](None, None)
+
+
+def test_the_scoring_renderer_lets_the_lora_extension_load_each_epoch_from_disk(webui, tmp_path):
+    from lib_lora_trainer.webui.services import A1111Services
+
+    request = SampleRequest("ohwx <lora:alice-000002:0.75>", "", 1000, 4, "Euler a", 7.0, 64, 64)
+    A1111Services().lora_renderer().render([request], tmp_path / "evaluation", "alice-000002-eval-00")
+    (p,) = webui.recorder.processings
+    assert not p.disable_extra_networks  # training's samples render the adapters in memory instead
+    assert p.prompt == request.prompt and p.override_settings == {
+        "sd_model_checkpoint": "random-sd15.safetensors [ac6f958213]"
+    }

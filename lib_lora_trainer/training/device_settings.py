@@ -13,15 +13,16 @@ A1111 v1.10.1 installs torch 2.1.2 by default, and users upgrade it; everything 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 
 import torch
 
-from lib_lora_trainer.training.precision import CPU_FLASH_BACKWARD_FIXED_IN, device_rule, resolve_precision
-
-log = logging.getLogger(__name__)
-
+from lib_lora_trainer.training.precision import (
+    CPU_FLASH_BACKWARD_FIXED_IN,
+    device_rule,
+    maths_attention_kernel,
+    resolve_precision,
+)
 
 
 @contextlib.contextmanager
@@ -76,14 +77,5 @@ def safe_cpu_attention(device: torch.device, mixed_precision: str) -> Iterator[N
     if not cpu_flash_backward_unsafe(device, mixed_precision):
         yield
         return
-    log.info(
-        "torch %s: CPU flash attention is unsafe in %s training, using the maths kernel",
-        torch.__version__,
-        mixed_precision,
-    )
-    enabled = torch.backends.cuda.flash_sdp_enabled()
-    torch.backends.cuda.enable_flash_sdp(False)  # also governs the CPU kernel choice
-    try:
+    with maths_attention_kernel(mixed_precision):
         yield
-    finally:
-        torch.backends.cuda.enable_flash_sdp(enabled)

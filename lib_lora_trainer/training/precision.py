@@ -184,14 +184,25 @@ class PrecisionPolicy:
         if not self.math_attention:
             yield
             return
-        log.info("torch %s: CPU flash attention is unsafe in %s training, using the maths kernel",
-                 torch.__version__, self.compute)
-        enabled = torch.backends.cuda.flash_sdp_enabled()
-        torch.backends.cuda.enable_flash_sdp(False)  # also governs the CPU kernel choice
-        try:
+        with maths_attention_kernel(self.compute):
             yield
-        finally:
-            torch.backends.cuda.enable_flash_sdp(enabled)
+
+
+@contextlib.contextmanager
+def maths_attention_kernel(compute: str) -> Iterator[None]:
+    """Scaled-dot-product attention on its maths kernel for the block (CPU flash attention is unsafe in
+    ``compute`` training on this torch); the flag is put back afterwards."""
+    log.info(
+        "torch %s: CPU flash attention is unsafe in %s training, using the maths kernel",
+        torch.__version__,
+        compute,
+    )
+    enabled = torch.backends.cuda.flash_sdp_enabled()
+    torch.backends.cuda.enable_flash_sdp(False)  # also governs the CPU kernel choice
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_flash_sdp(enabled)
 
 
 def resolve_precision(

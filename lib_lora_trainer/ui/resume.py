@@ -34,6 +34,8 @@ class ResumeActions:
         except (OSError, ValueError) as error:
             logger.warning("listing resumable runs: %s", error)
             return []
+        if not runs:
+            return []
         job = self.jobs.current()
         running = job.run.name if job is not None and job.snapshot().running else None
         return [run for run in runs if run.name != running]

@@ -91,6 +91,7 @@ class _FakeJob:
 class _FakeJobs:
     def __init__(self, job):
         self.job = job
+        self.on_finished = []  # hooks run after a job (the scoring panel adds one)
 
     def current(self):
         return self.job

@@ -256,5 +256,6 @@ def test_the_scoring_renderer_lets_the_lora_extension_load_each_epoch_from_disk(
     (p,) = webui.recorder.processings
     assert not p.disable_extra_networks  # training's samples render the adapters in memory instead
     assert p.prompt == request.prompt and p.override_settings == {
-        "sd_model_checkpoint": "random-sd15.safetensors [ac6f958213]"
+        "sd_model_checkpoint": "random-sd15.safetensors [ac6f958213]",
+        "CLIP_stop_at_last_layers": request.clip_skip,  # the run's clip skip, through the override only
     }

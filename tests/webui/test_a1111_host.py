@@ -35,7 +35,12 @@ class FakeSdModel(nn.Module):
         self.model.diffusion_model = parts.unet()
         self.model.conditioning_key = "crossattn"
         self.first_stage_model = parts.vae()
-        self.cond_stage_model = a1111_cond_stage(parts.text_encoder(), shared)
+        text_encoder = parts.text_encoder()
+        with torch.no_grad():
+            # A trained CLIP's final layer norm has a bias; at init it has none, so every token's output
+            # has mean 0 and A1111's emphasis rescaling (mean / z.mean()) can divide 0 by 0 (torch 2.1).
+            text_encoder.text_model.final_layer_norm.bias.fill_(0.05)
+        self.cond_stage_model = a1111_cond_stage(text_encoder, shared)
         self.alphas_cumprod_original = sd_alphas_cumprod()
         self.register_buffer("alphas_cumprod", self.alphas_cumprod_original.half())
         self.parameterization = "eps"

@@ -194,14 +194,7 @@ def load_kohya_lora(
     ``lora_A``/``lora_B`` names are accepted; a missing alpha means alpha = rank (scale 1.0, as A1111
     uses). Anything that is not a LoRA gets a ValueError that says what is wrong.
     """
-    source = Path(path)
-    if not source.is_file():
-        raise FileNotFoundError(f"LoRA file {source} does not exist")
-    if source.suffix.lower() != ".safetensors":
-        raise ValueError(
-            f"{source.name}: only .safetensors LoRA files can be loaded "
-            "(.pt/.ckpt files can run code when they are read)"
-        )
+    source = _safetensors_path(path)
     try:
         with safetensors.safe_open(str(source), framework="pt", device="cpu") as reader:
             metadata = dict(reader.metadata() or {})
@@ -334,7 +327,8 @@ def load_network_file(
     return modules, metadata
 
 
-def _readable_safetensors(path: str | Path) -> Path:
+def _safetensors_path(path: str | Path) -> Path:
+    """``path`` when it names an existing .safetensors file (the only kind that cannot run code)."""
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"LoRA file {source} does not exist")
@@ -343,6 +337,11 @@ def _readable_safetensors(path: str | Path) -> Path:
             f"{source.name}: only .safetensors LoRA files can be loaded "
             "(.pt/.ckpt files can run code when they are read)"
         )
+    return source
+
+
+def _readable_safetensors(path: str | Path) -> Path:
+    source = _safetensors_path(path)
     try:
         with safetensors.safe_open(str(source), framework="pt", device="cpu"):
             pass

@@ -86,4 +86,25 @@
             });
         });
     };
+
+    // A finished scoring rewrote these cards (preferred weight, notes): fetch them again even when they
+    // are shown, once per scoring job. cardsJson: {"job": task id, "stems": [...]}.
+    var scoringsShown = {};
+    window.lctUpdateLoraCards = function(cardsJson) {
+        var cards = null;
+        try {
+            cards = JSON.parse(cardsJson || 'null');
+        } catch (error) {
+            return;
+        }
+        if (!cards || !Array.isArray(cards.stems) || scoringsShown[cards.job]) {
+            return;
+        }
+        scoringsShown[cards.job] = true;
+        ['txt2img', 'img2img'].forEach(function(tab) {
+            cards.stems.forEach(function(stem) {
+                showLoraCard(tab, stem);
+            });
+        });
+    };
 })();

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from lib_lora_trainer.evaluation.prompts import (
 )
 from lib_lora_trainer.evaluation.verdict import EpochScores, Verdict, choose_epoch, choose_weight
 from lib_lora_trainer.files import atomic_write_text
-from lib_lora_trainer.outputs.registry import RunOutputs
+from lib_lora_trainer.outputs.registry import EpochCard, RunOutputs
 from lib_lora_trainer.outputs.samples import RenderedSample, SampleRequest
 
 logger = logging.getLogger(__name__)
@@ -363,20 +364,23 @@ class RunScorer:
     def _memorisation_warnings(
         self, epoch: int, scored: SetScores, training_images: Sequence[Image.Image]
     ) -> list[str]:
+        """One line per epoch: how many images are near copies, and the closest pair."""
+        if not scored.memorised:
+            return []
         per_seed = len(self.seeds)
-        out = []
-        for item in scored.memorised:
-            prompt = self.prompts[item.evaluation_index // per_seed].text
-            name = (
-                getattr(training_images[item.training_index], "filename", "") or f"#{item.training_index + 1}"
-            )
-            seed = self.seeds[item.evaluation_index % per_seed]
-            out.append(
-                f"Epoch {epoch}: the image for '{prompt}' (seed {seed}) is nearly identical to training "
-                f"image {Path(name).name} (similarity {item.similarity:.3f}): the LoRA may be memorising "
-                "its images."
-            )
-        return out
+        closest = max(scored.memorised, key=lambda item: item.similarity)
+        prompt = self.prompts[closest.evaluation_index // per_seed].text
+        seed = self.seeds[closest.evaluation_index % per_seed]
+        name = (
+            getattr(training_images[closest.training_index], "filename", "")
+            or f"#{closest.training_index + 1}"
+        )
+        evaluated = len(self.prompts) * per_seed
+        return [
+            f"Epoch {epoch}: {len(scored.memorised)} of {evaluated} evaluation images are nearly identical "
+            f"to a training image (closest: '{prompt}', seed {seed}, and {Path(name).name}, similarity "
+            f"{closest.similarity:.3f}): the LoRA may be memorising its images."
+        ]
 
 
 def _row(epoch: int, scored: SetScores, validation_loss: float | None) -> EpochScores:
@@ -414,33 +418,71 @@ def previous_validation_losses(run: RunOutputs) -> dict[int, float]:
     }
 
 
-def write_results(run: RunOutputs, scores: RunScores) -> Path:
-    """All scores into the run's JSON; the recommendation into the chosen epoch's card."""
-    path = atomic_write_text(
-        scores_path(run), json.dumps(scores.to_dict(), indent=2, ensure_ascii=False) + "\n"
-    )
-    if scores.verdict.epoch is not None:
-        write_recommendation(run, scores.verdict)
-    return path
+def write_results(run: RunOutputs, scores: RunScores) -> list[str]:
+    """All scores into the run's JSON; the recommendation into the chosen epoch's card, and out of the
+    card an earlier scoring recommended. Returns the stems whose cards changed (to show them again)."""
+    atomic_write_text(scores_path(run), json.dumps(scores.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    chosen = scores.verdict.epoch
+    changed = [
+        run.stem(epoch)
+        for epoch in run.saved_epochs()
+        if epoch != chosen and clear_recommendation(run, epoch)
+    ]
+    if chosen is not None and write_recommendation(run, scores.verdict) is not None:
+        changed.append(run.stem(chosen))
+    return changed
+
+
+RECOMMENDATION_NOTE = " | Recommended epoch of the run"
+_RECOMMENDED_WEIGHT = re.compile(re.escape(RECOMMENDATION_NOTE) + r" at weight ([0-9.]+):")
+DEFAULT_CARD_WEIGHT = EpochCard.preferred_weight
+
+
+def _read_card(path: Path) -> dict[str, Any] | None:
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        logger.warning("the card %s cannot be updated (%s)", path.name, error)
+        return None
+    return card if isinstance(card, dict) else None
 
 
 def write_recommendation(run: RunOutputs, verdict: Verdict) -> Path | None:
     """Set the card's preferred weight and add the recommendation to its notes (other keys kept)."""
     assert verdict.epoch is not None
     card_path = run.metadata_path(verdict.epoch)
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        logger.warning("the card of epoch %s cannot be updated (%s)", verdict.epoch, error)
+    card = _read_card(card_path)
+    if card is None:
         return None
-    if not isinstance(card, dict):
-        return None
-    notes = str(card.get("notes", "")).split(" | Recommended")[0]
+    notes = str(card.get("notes", "")).split(RECOMMENDATION_NOTE)[0]
     card["preferred weight"] = verdict.weight
-    card["notes"] = (
-        f"{notes} | Recommended epoch of the run at weight {verdict.weight:g}: {verdict.rule}".strip()
-    )
+    card["notes"] = f"{notes}{RECOMMENDATION_NOTE} at weight {verdict.weight:g}: {verdict.rule}".strip()
     return atomic_write_text(card_path, json.dumps(card, indent=4, ensure_ascii=False))
+
+
+def clear_recommendation(run: RunOutputs, epoch: int) -> bool:
+    """Take an earlier recommendation out of an epoch's card: its note, and the weight it set unless the
+    user has changed that weight since. False when the card carries none (it is not rewritten)."""
+    card_path = run.metadata_path(epoch)
+    if not card_path.is_file():
+        return False
+    card = _read_card(card_path)
+    notes = str((card or {}).get("notes", ""))
+    if card is None or RECOMMENDATION_NOTE not in notes:
+        return False
+    match = _RECOMMENDED_WEIGHT.search(notes)
+    if match and _same_weight(card.get("preferred weight"), match.group(1)):
+        card["preferred weight"] = DEFAULT_CARD_WEIGHT
+    card["notes"] = notes.split(RECOMMENDATION_NOTE)[0].strip()
+    atomic_write_text(card_path, json.dumps(card, indent=4, ensure_ascii=False))
+    return True
+
+
+def _same_weight(value: Any, text: str) -> bool:
+    try:
+        return math.isclose(float(value), float(text), abs_tol=1e-6)
+    except (TypeError, ValueError):
+        return False
 
 
 def load_training_images(config: TrainingConfig, limit: int = MAX_TRAINING_IMAGES) -> list[Image.Image]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import logging
 import threading
 import time
@@ -44,6 +45,11 @@ logger = logging.getLogger(__name__)
 ScorerLoader = Callable[[TrainingConfig, Sequence[Image.Image]], Scorers]
 RUNNING = ("queued", "scoring")
 POLL_SECONDS = 1.0
+# the Lora cards a scoring rewrote are fetched again (javascript/lora_char_trainer.js), even when shown
+UPDATE_CARDS_JS = (
+    "(cards) => { if (typeof lctUpdateLoraCards === 'function') { lctUpdateLoraCards(cards); } "
+    "return cards; }"
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class ScoringSnapshot:
     message: str
     done: int = 0
     total: int = 0
+    changed_cards: tuple[str, ...] = ()  # epoch stems whose Lora card the finished job rewrote
 
     @property
     def running(self) -> bool:
@@ -153,11 +160,10 @@ class ScoringJob:
             scorers.close()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        write_results(self.run, scores)
+        self._update(changed_cards=tuple(write_results(self.run, scores)))
         verdict = scores.verdict
-        self._finish(
-            "completed", f"Scored {len(scores.epochs)} epochs. {verdict.rule} {verdict.weight_rule}".strip()
-        )
+        logger.info("%s %s", verdict.rule, verdict.weight_rule)  # the table below shows it too
+        self._finish("completed", f"Scored {len(scores.epochs)} epochs of {self.run.name}.")
 
     def _finish(self, state: str, message: str) -> None:
         (logger.info if state == "completed" else logger.warning)("%s", message)
@@ -332,12 +338,17 @@ class ScoringPanel:
             self.score_button = gr.Button("Score epochs", elem_id="lct_score_epochs")
             self.stop_button = gr.Button("Stop scoring", elem_id="lct_stop_scoring")
         self.scores = gr.HTML(scores_html(None), elem_id="lct_scores")
+        # {"job": ..., "stems": [...]}: the cards a finished scoring rewrote (their weight and notes)
+        self.scored_cards = gr.Textbox(visible=False, elem_id="lct_scored_cards")
 
     def wire(self, run_choice: Any, results_version: Any) -> None:
-        self.score_button.click(self.on_score, [run_choice], [self.scores])
-        self.stop_button.click(self.on_stop, [run_choice], [self.scores])
-        run_choice.change(self.watch, [run_choice], [self.scores])
-        results_version.change(self.watch, [run_choice], [self.scores])
+        outputs = [self.scores, self.scored_cards]
+        self.score_button.click(self.on_score, [run_choice], outputs)
+        # outside the queue: a Stop must not wait behind the stream of the job it stops
+        self.stop_button.click(self.on_stop, [run_choice], outputs, queue=False)
+        run_choice.change(self.watch, [run_choice], outputs)
+        results_version.change(self.watch, [run_choice], outputs)
+        self.scored_cards.change(None, [self.scored_cards], None, _js=UPDATE_CARDS_JS)
 
     def _run(self, run_name: str) -> RunOutputs:
         problem = output_name_problem(run_name)
@@ -351,27 +362,39 @@ class ScoringPanel:
         except ValueError:
             return None
 
-    def on_score(self, run_name: str | None) -> Iterator[str]:
+    def on_score(self, run_name: str | None) -> Iterator[tuple[str, Any]]:
         if not run_name:
-            yield scores_html(None, ScoringSnapshot("", "failed", "Choose a run first."))
+            yield scores_html(None, ScoringSnapshot("", "failed", "Choose a run first.")), _unchanged()
             return
         try:
             self.scoring.start(self._run(run_name))
         except (ValueError, ConfigError, OSError) as error:
-            yield scores_html(self._scores(run_name), ScoringSnapshot(run_name, "failed", str(error)))
+            snapshot = ScoringSnapshot(run_name, "failed", str(error))
+            yield scores_html(self._scores(run_name), snapshot), _unchanged()
             return
         yield from self.watch(run_name)
 
-    def on_stop(self, run_name: str | None) -> str:
+    def on_stop(self, run_name: str | None) -> tuple[str, Any]:
         message = self.scoring.stop()
-        return scores_html(self._scores(run_name), ScoringSnapshot(run_name or "", "stopped", message))
+        snapshot = ScoringSnapshot(run_name or "", "stopped", message)
+        return scores_html(self._scores(run_name), snapshot), _unchanged()
 
-    def watch(self, run_name: str | None) -> Iterator[str]:
-        """The run's scores; while its scoring job runs, its progress every second until it ends."""
+    def watch(self, run_name: str | None) -> Iterator[tuple[str, Any]]:
+        """The run's scores; while its scoring job runs, its progress every second until it ends, then
+        the cards it rewrote (once per job: the page fetches those cards again)."""
         while True:
             job = self.scoring.current()
             snapshot = job.snapshot() if job is not None and job.run.name == run_name else None
-            yield scores_html(self._scores(run_name), snapshot)
+            cards = _unchanged()
+            if job is not None and snapshot is not None and snapshot.changed_cards:
+                cards = json.dumps({"job": job.task_id, "stems": list(snapshot.changed_cards)})
+            yield scores_html(self._scores(run_name), snapshot), cards
             if snapshot is None or not snapshot.running:
                 return
             time.sleep(POLL_SECONDS)
+
+
+def _unchanged() -> Any:
+    import gradio as gr
+
+    return gr.update()

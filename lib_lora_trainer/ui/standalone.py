@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     services = StandaloneServices(build_random_host("tiny"), args.root, confined=args.confined)
     app = build_app(services)
-    app.queue()
+    app.queue(64)  # as A1111's webui.py: 64 events at once (the browser test runs with 1)
     app.launch(server_name="127.0.0.1", server_port=args.port)
     return 0
 

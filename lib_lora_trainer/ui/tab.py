@@ -453,7 +453,8 @@ class _Tab:
         self.train_button.click(
             self.on_train, train_inputs, [self.run_message, self.task_id], _js=start_js(task_id_index)
         ).then(self.watch, None, watch_outputs)
-        self.stop_button.click(self.on_stop, None, [self.run_message])
+        # outside the queue: a Stop must not wait behind the streams of the page (watch, scoring)
+        self.stop_button.click(self.on_stop, None, [self.run_message], queue=False)
         self.resume_controls.wire(self.task_id, self.watch, watch_outputs)
         tab.load(self.watch, None, watch_outputs)
         self.task_id.change(None, [self.task_id], None, _js=ATTACH_JS)
@@ -497,6 +498,8 @@ class _Tab:
             self.on_render_grid, compare_inputs, [self.grid_image, self.results_message]
         )
         self.scoring_panel.wire(self.run_choice, self.results_version)
+        # a finished scoring: "Compare in txt2img" now starts from the recommended epoch
+        self.scoring_panel.scored_cards.change(self.on_results, compare_inputs, results_outputs)
 
     # --- handlers: dataset and captions ---------------------------------------------------------------
     def on_scan(self, values: dict):

@@ -104,9 +104,12 @@ def test_stop_during_scoring_leaves_the_epochs_and_cards_intact(services, jobs, 
     # Score epochs from Results, on the finished run: the panel streams progress, then the table
     panel = ScoringPanel(services, jobs, lambda: run.folder)
     shown = list(panel.on_score(run.name))
-    assert "Recommended" in shown[-1] and 'data-state="completed"' in shown[-1]
+    table, cards = shown[-1]
+    assert "Recommended" in table and 'data-state="completed"' in table
     data = load_scores(run)
     assert [row["epoch"] for row in data["epochs"]] == [1]
+    # the page is told once which card to fetch again: the recommended epoch's
+    assert json.loads(cards) == {"job": scoring.current().task_id, "stems": [data["recommended"]["stem"]]}
 
 
 @pytest.mark.slow

@@ -65,9 +65,12 @@ def test_the_loss_chart_draws_the_validation_loss_beside_the_training_loss():
 
 
 def test_a_run_name_that_is_a_path_is_refused(services, jobs, tmp_path):
+    import gradio as gr
+
     from lib_lora_trainer.ui.scoring import ScoringPanel
 
     panel = ScoringPanel(services, jobs, lambda: tmp_path)
-    (shown,) = list(panel.on_score("../../etc"))
+    ((shown, cards),) = list(panel.on_score("../../etc"))
     assert 'data-state="failed"' in shown and "must not contain" in shown
-    assert "not been scored yet" in list(panel.watch("../x"))[-1]
+    assert cards == gr.update()  # no card to fetch again
+    assert "not been scored yet" in list(panel.watch("../x"))[-1][0]

@@ -3,8 +3,10 @@ that hosts the tab over the tiny test model next to a stand-in for A1111's txt2i
 
 Choose a dataset folder, run the WD14 tagger (a generated ONNX model), edit a caption, train 2 epochs
 (watching the status and the loss chart), reload the page mid-run and find the run again, see both
-epoch files registered with their card JSON and preview, then "Compare in txt2img" and find the prompt
-and the X/Y/Z plot fields filled. Screenshots go to $LCT_SCREENSHOT_DIR (the README's come from here).
+epoch files registered with their card JSON and preview, see the epochs scored (tiny ONNX and CLIP
+scorers) with the recommended epoch's card carrying its weight, then "Compare in txt2img" and find the
+prompt and the X/Y/Z plot fields filled from that epoch; a second scoring stopped part-way changes nothing.
+Screenshots go to $LCT_SCREENSHOT_DIR (the README's come from here).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from pathlib import Path
 import pytest
 
 from lib_lora_trainer.ui.jobs import TrainingJobs
+from lib_lora_trainer.ui.scoring import scoring_for
 from lib_lora_trainer.ui.standalone import StandaloneServices, build_app
 from tests.captioning.wd14_fixtures import write_model_folder
+from tests.evaluation.fixtures import write_models_dir
 from tests.ui.conftest import TINY, make_dataset
 
 CHROMIUM = os.environ.get("LCT_CHROMIUM", "/usr/bin/chromium")
@@ -53,7 +57,14 @@ SETTING_KEYS = (
     "unet_lr", "text_encoder_lr", "lr_scheduler", "batch_size", "mixed_precision", "save_precision",
     "sample_steps", "sample_width", "sample_height", "seed",
 )  # fmt: skip
-SETTINGS = {key: TINY[key] for key in SETTING_KEYS}
+SCORING = dict(  # a small evaluation set, so that scoring the tiny model's epochs takes seconds
+    evaluation_near_prompts=["ohwx_alice, portrait"],
+    evaluation_far_prompts=["pencil drawing of ohwx_alice"],
+    evaluation_seeds=2,
+    evaluation_steps=2,
+    evaluation_size=64,
+)
+SETTINGS = {key: TINY[key] for key in SETTING_KEYS} | SCORING
 
 
 def _free_port() -> int:
@@ -67,6 +78,7 @@ def app_url(tmp_path, tiny_host):
     services = StandaloneServices(tiny_host, tmp_path / "webui")
     make_dataset(services.datasets_dir / "alice", count=3, caption=None)
     write_model_folder(services.tagger_dir / "wd-v1-4-convnext-tagger-v2", size=64)
+    write_models_dir(services.scorer_dir)  # tiny face, character and CLIP scorers
     jobs = TrainingJobs(services)
     app = build_app(services, jobs)
     app.queue()
@@ -189,24 +201,59 @@ def test_the_whole_workflow_in_chromium(app_url, browser_page, tmp_path):
         assert (folder / f"{stem}.preview.png").is_file()
     assert services.announced == ["alice-000001", "alice-000002"]
 
-    # 5. results, then "Compare in txt2img" fills the txt2img fields
+    # 5. results: the epochs are scored after training; the verdict picks an epoch and a weight, which
+    # its card carries; then "Compare in txt2img" fills the txt2img fields from that epoch
     section("5. Results")
     expect(page.locator("#lct_run_choice input")).to_have_value("alice")
     expect(page.locator("#lct_epoch_list li")).to_have_count(2)
     expect(page.locator("#lct_epoch_previews img")).to_have_count(2)
+    # scoring runs after training (in the GPU queue): on a busy machine it may need more than 5 s
+    expect(page.locator("#lct_scores .lct-verdict")).to_contain_text(
+        "Recommended: alice-00000", timeout=TIMEOUT_MS
+    )
+    expect(page.locator("#lct_scores .lct-scoring-state")).to_have_attribute("data-state", "completed")
+    expect(page.locator("#lct_scores table.lct-score-table tr")).to_have_count(4)  # header, base, 2 epochs
+    scores = json.loads((folder / "alice.lora_trainer_scores.json").read_text(encoding="utf-8"))
+    recommended = scores["recommended"]
+    stem, weight = recommended["stem"], recommended["weight"]
+    expect(page.locator("#lct_scores tr.lct-recommended")).to_have_attribute(
+        "data-epoch", str(recommended["epoch"])
+    )
+    memorised = [line for line in scores["warnings"] if "memorising" in line]
+    assert len(memorised) <= 2 and all(line.startswith("Epoch ") for line in memorised)  # one per epoch
+    card = json.loads((folder / f"{stem}.json").read_text(encoding="utf-8"))
+    assert card["preferred weight"] == weight and "Recommended epoch" in card["notes"]
     expect(page.locator("#lct_compare_infotext textarea")).to_have_value(lambda_contains("X/Y/Z plot"))
+    expect(page.locator("#lct_compare_infotext textarea")).to_have_value(
+        lambda_contains(f"<lora:{stem}:{weight:g}>")
+    )
+    page.locator("#lct_scores").first.scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "05-results.png"), full_page=True)
     page.locator("#lct_compare").click()
-    expect(page.locator("#txt2img_prompt textarea")).to_have_value("ohwx_alice <lora:alice-000001:1>")
+    expect(page.locator("#txt2img_prompt textarea")).to_have_value(f"ohwx_alice <lora:{stem}:{weight:g}>")
     expect(page.locator("#script_list input")).to_have_value("X/Y/Z plot")
     expect(page.locator("#script_txt2img_xyz_plot_x_type input")).to_have_value("Prompt S/R")
-    expect(page.locator("#script_txt2img_xyz_plot_x_values textarea")).to_have_value(
-        "alice-000001, alice-000002"
-    )
+    other = "alice-000002" if stem == "alice-000001" else "alice-000001"
+    expect(page.locator("#script_txt2img_xyz_plot_x_values textarea")).to_have_value(f"{stem}, {other}")
     expect(page.locator("#script_txt2img_xyz_plot_y_type input")).to_have_value("Seed")
     seeds = page.locator("#script_txt2img_xyz_plot_y_values textarea").input_value()
     assert len([seed for seed in seeds.split(",") if seed.strip().isdigit()]) == 4
     page.screenshot(path=str(shots / "06-compare-in-txt2img.png"), full_page=False)
+
+    # 6. "Score epochs" again, stopped part-way: the epochs, cards and earlier scores stay as they were
+    page.locator("button", has_text="Train Character LoRA").first.click()
+    section("5. Results")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    page.locator("#lct_score_epochs").click()
+    expect(page.locator("#lct_scores .lct-scoring-state")).to_have_attribute(
+        "data-state", "scoring", timeout=TIMEOUT_MS
+    )
+    page.locator("#lct_stop_scoring").click()
+    expect(page.locator("#lct_scores .lct-scoring-state")).to_have_attribute("data-state", "stopped")
+    scoring_job = scoring_for(services, jobs).current()
+    assert scoring_job.wait(60) and scoring_job.snapshot().state == "stopped"  # the job itself has ended
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    expect(page.locator("#lct_scores .lct-verdict")).to_contain_text(f"Recommended: {stem}")
 
 
 def lambda_contains(text: str):

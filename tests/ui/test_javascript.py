@@ -29,7 +29,9 @@ function cardList(tab) {
 }
 const lists = {txt2img_lora_cards: cardList('txt2img'), img2img_lora_cards: cardList('img2img')};
 lists.txt2img_lora_cards.cards.push({dataset: {name: 'alice-000001'}, old: true,
-  replaceWith(card) { const l = lists.txt2img_lora_cards; l.cards[l.cards.indexOf(this)] = card; }});
+  replaceWith(card) {
+    const l = lists.txt2img_lora_cards; l.cards[l.cards.indexOf(this)] = card; card.list = l;
+  }});
 globalThis.window = globalThis;
 globalThis.gradioApp = () => ({getElementById(id) {
   if (lists[id]) return lists[id];
@@ -39,7 +41,8 @@ globalThis.gradioApp = () => ({getElementById(id) {
 globalThis.document = {createElement() {
   const holder = {};
   Object.defineProperty(holder, 'innerHTML', {set(html) {
-    holder.firstElementChild = {dataset: {name: /data-name="([^"]+)"/.exec(html)[1]}, style: {}, html};
+    holder.firstElementChild = {dataset: {name: /data-name="([^"]+)"/.exec(html)[1]}, style: {}, html,
+      replaceWith(card) { const l = this.list; l.cards[l.cards.indexOf(this)] = card; card.list = l; }};
   }});
   return holder;
 }};
@@ -51,6 +54,8 @@ globalThis.fetch = (url) => {
 };
 globalThis.randomId = () => 'task(js)';
 vm.runInThisContext(fs.readFileSync(process.argv[2], 'utf8'));
+"""
+REFRESH_SCENARIO = r"""
 window.lctRefreshLoraCards('["alice-000001", "alice-000002"]');
 setTimeout(() => {
   window.lctRefreshLoraCards('["alice-000001", "alice-000002"]');  // the next poll: nothing again
@@ -66,13 +71,17 @@ setTimeout(() => {
 """
 
 
-def test_new_epochs_refresh_only_their_own_lora_cards(tmp_path):
+def run_page(tmp_path, scenario: str) -> dict:
     page = tmp_path / "page.js"
-    page.write_text(PAGE, encoding="utf-8")
+    page.write_text(PAGE + scenario, encoding="utf-8")
     output = subprocess.run(
         [NODE, str(page), str(SCRIPT)], capture_output=True, text=True, timeout=60, check=True
     )
-    result = json.loads(output.stdout)
+    return json.loads(output.stdout)
+
+
+def test_new_epochs_refresh_only_their_own_lora_cards(tmp_path):
+    result = run_page(tmp_path, REFRESH_SCENARIO)
 
     assert "refresh every page" not in result["events"]
     fetched = sorted(result["events"])
@@ -82,3 +91,34 @@ def test_new_epochs_refresh_only_their_own_lora_cards(tmp_path):
     assert result["cards"]["txt2img_lora_cards"] == [["alice-000002", False], ["alice-000001", False]]
     assert result["cards"]["img2img_lora_cards"] == [["alice-000002", False], ["alice-000001", False]]
     assert result["started"] == ["a", "b", "task(js)", "c"]
+
+
+SCORED_SCENARIO = r"""
+window.lctRefreshLoraCards('["alice-000001", "alice-000002"]');
+setTimeout(() => {
+  const before = lists.txt2img_lora_cards.cards.slice();
+  events.length = 0;
+  const scored = '{"job": "task(score-1)", "stems": ["alice-000001"]}';
+  window.lctUpdateLoraCards(scored);
+  window.lctUpdateLoraCards(scored);  // the next poll of the same job: nothing again
+  window.lctUpdateLoraCards('not json');
+  setTimeout(() => {
+    const after = lists.txt2img_lora_cards.cards;
+    console.log(JSON.stringify({
+      events,
+      names: after.map(c => c.dataset.name),
+      replaced: after.map((c, i) => c !== before[i]),
+    }));
+  }, 50);
+}, 50);
+"""
+
+
+def test_a_scored_run_fetches_the_rewritten_card_again_once(tmp_path):
+    result = run_page(tmp_path, SCORED_SCENARIO)
+    assert sorted(result["events"]) == [
+        "./sd_extra_networks/get-single-card?page=lora&tabname=img2img&name=alice-000001",
+        "./sd_extra_networks/get-single-card?page=lora&tabname=txt2img&name=alice-000001",
+    ]
+    assert result["names"] == ["alice-000002", "alice-000001"]  # replaced in place, not added
+    assert result["replaced"] == [False, True]

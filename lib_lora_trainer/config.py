@@ -202,6 +202,9 @@ class TrainingConfig:
     evaluation_size: int = 0  # 0 = the training resolution
     validation_loss: bool = True  # a deterministic loss after every epoch, beside the training loss
     validation_dir: str = ""  # held-out images (with captions); empty: a fixed subset of the training images
+    # 0 = off; else the share of each training folder's images kept out of training for the validation
+    # loss (the same images every run: dataset/held_out.py); not together with validation_dir
+    validation_share: float = 0.0
 
     # --- samples --------------------------------------------------------------------------------
     sample_every_n_epochs: int = 1
@@ -477,7 +480,34 @@ def validate(config: TrainingConfig, *, need_dataset: bool = True) -> list[str]:
         config.evaluation_size == 0 or (config.evaluation_size >= 64 and config.evaluation_size % 8 == 0),
         "evaluation size must be 0 (the training resolution) or a multiple of 8 from 64",
     )
+    problems += _held_out_share_problems(config)
     return problems
+
+
+MAX_VALIDATION_SHARE = 0.5
+
+
+def _held_out_share_problems(config: TrainingConfig) -> list[str]:
+    share = config.validation_share
+    if share == 0:
+        return []
+    if not 0 < share <= MAX_VALIDATION_SHARE:
+        return [
+            f"held-out share (validation_share) must be between 0 (off) and {MAX_VALIDATION_SHARE:g}, "
+            f"not {share:g}: it is the part of the training images kept out of training"
+        ]
+    if config.validation_dir.strip():
+        return [
+            "held-out share (validation_share) and held-out images folder (validation_dir) cannot both "
+            "be used: set the share to 0 to use the folder, or empty the folder to hold out a share of "
+            "the training images"
+        ]
+    if not config.validation_loss:
+        return [
+            "a held-out share (validation_share) only serves the validation loss: switch on Validation "
+            "loss, or set the share to 0 to train on every image"
+        ]
+    return []
 
 
 def _loss_and_optimizer_problems(config: TrainingConfig) -> list[str]:

@@ -88,6 +88,34 @@ def test_dataset_dependent_checks():
     assert validate_for_dataset(TrainingConfig(batch_size=3), 3) == []
 
 
+@pytest.mark.parametrize("share", [0.0, 0.05, 0.5])
+def test_a_held_out_share_from_0_to_half_is_accepted(share):
+    assert validate(TrainingConfig(train_data_dir="/d", validation_share=share)) == []
+
+
+@pytest.mark.parametrize("share", [-0.1, 0.6, 1.0, 20.0])
+def test_a_held_out_share_out_of_range_is_refused_clearly(share):
+    problems = validate(TrainingConfig(train_data_dir="/d", validation_share=share))
+    assert problems == [
+        f"held-out share (validation_share) must be between 0 (off) and 0.5, not {share:g}: it is the "
+        "part of the training images kept out of training"
+    ]
+
+
+def test_a_held_out_share_and_a_held_out_folder_are_refused_together_naming_both():
+    both = TrainingConfig(train_data_dir="/d", validation_share=0.1, validation_dir="/held")
+    (problem,) = validate(both)
+    assert "validation_share" in problem and "validation_dir" in problem and "cannot both" in problem
+    assert validate(dataclasses.replace(both, validation_share=0.0)) == []  # the folder alone is fine
+    assert validate(dataclasses.replace(both, validation_dir="  ")) == []  # so is the share alone
+
+
+def test_a_held_out_share_without_the_validation_loss_is_refused():
+    (problem,) = validate(TrainingConfig(train_data_dir="/d", validation_share=0.1, validation_loss=False))
+    assert "switch on Validation loss" in problem
+    assert validate(TrainingConfig(train_data_dir="/d", validation_loss=False)) == []
+
+
 # --- values that are not usable at all: one mechanism for every field ---------------------------------
 FLOAT_FIELDS = [f.name for f in dataclasses.fields(TrainingConfig) if f.type == "float"]
 INT_FIELDS = [f.name for f in dataclasses.fields(TrainingConfig) if f.type == "int"]

@@ -25,6 +25,7 @@ ELONGATED_RATIO = 2.5
 NEAR_DUPLICATE_BITS = 8  # dHash Hamming distance (of 128) at or below which two images look the same
 MAX_NAMES_SHOWN = 8
 MAX_NOTES_SHOWN = 15
+MAX_HELD_OUT_SHOWN = 30  # the user should see which images are not trained on; the JSON lists them all
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class DatasetReport:
     problems: list[dict[str, str]]  # files left out: {"file", "path", "message"}
     notes: list[str]
     tag_frequency: dict[str, int]  # over all training captions as trained (trigger word included)
+    held_out: list[str] = field(default_factory=list)  # "folder/name" of each image the share keeps out
     ss_dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
     ss_reg_dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
     ss_tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -111,6 +113,7 @@ def build_report(dataset: ScannedDataset, config: TrainingConfig) -> DatasetRepo
         problems=[{"file": p.path.name, "path": str(p.path), "message": p.message} for p in dataset.problems],
         notes=list(dataset.notes),
         tag_frequency=count_tags(p.caption for p in plan.images if not p.is_reg),
+        held_out=[_display_name(subset, record) for subset in dataset.held_out for record in subset.images],
         ss_dataset_dirs=_dataset_dirs(dataset, is_reg=False),
         ss_reg_dataset_dirs=_dataset_dirs(dataset, is_reg=True),
         ss_tag_frequency=_tag_frequency_by_folder(plan),
@@ -164,9 +167,9 @@ def _display_name(subset: Subset, record: ImageRecord) -> str:
     return f"{subset.name}/{record.path.name}"
 
 
-def _shown(names: tuple[str, ...] | list[str]) -> str:
-    shown = ", ".join(names[:MAX_NAMES_SHOWN])
-    return shown + (f" and {len(names) - MAX_NAMES_SHOWN} more" if len(names) > MAX_NAMES_SHOWN else "")
+def _shown(names: tuple[str, ...] | list[str], limit: int = MAX_NAMES_SHOWN) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _images_warning(code: str, records: list[tuple[Subset, ImageRecord]], what: str) -> DatasetWarning | None:
@@ -378,6 +381,11 @@ def _report_lines(report: DatasetReport) -> list[str]:
             f"Training images: {images} in {len(train)} folder(s), {report.num_train_images} with repeats"
         )
         lines += [_subset_line(s) for s in train]
+    if report.held_out:
+        lines.append(
+            f"Held out for the validation loss (not trained on): {len(report.held_out)} image(s): "
+            f"{_shown(report.held_out, MAX_HELD_OUT_SHOWN)}"
+        )
     if reg:
         images = sum(s.image_count for s in reg)
         lines.append(

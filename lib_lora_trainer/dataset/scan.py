@@ -7,6 +7,10 @@ user's folders is created or changed (it only deletes the temporaries a killed s
 file that cannot be used, images in formats that are not trained on included, is reported by name with
 the reason and left out; so is a folder that cannot be listed, and N_name folders nested where the
 scan does not look are named. The scan itself never raises for bad input.
+
+With a held-out share (``validation_share``), the images it picks (``held_out.py``) are taken out of
+their training folders here, before anything counts them, and kept in ``held_out``: the plan, the
+report, the ``ss_*`` metadata and the batches all see only the images that are trained on.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lib_lora_trainer.config import INT_LIMITS, TrainingConfig
 from lib_lora_trainer.dataset.caption_files import read_caption_file
+from lib_lora_trainer.dataset.held_out import held_out_names
 from lib_lora_trainer.dataset.images import (
     DEFAULT_BACKGROUND,
     IMAGE_EXTENSIONS,
@@ -72,6 +77,8 @@ class ScannedDataset:
     problems: list[FileProblem] = field(default_factory=list)  # files left out, with the reason
     notes: list[str] = field(default_factory=list)  # conversions and ignored things worth telling
     errors: list[str] = field(default_factory=list)  # why the dataset cannot be trained on, if it can't
+    # the images the held-out share keeps out of training, per training folder (only those folders)
+    held_out: list[Subset] = field(default_factory=list)
 
     @property
     def train_subsets(self) -> list[Subset]:
@@ -119,9 +126,32 @@ def scan_dataset(
         result.subsets.append(subset)
         _note_shared_captions(subset, config.caption_extension, result)
     _check_usable(config, result)
+    if not result.errors:
+        _hold_out(result, config.validation_share)
     for message in result.errors:
         logger.error("Dataset: %s", message)
     return result
+
+
+def _hold_out(result: ScannedDataset, share: float) -> None:
+    """Move the images ``share`` picks from each training folder into ``result.held_out``."""
+    if share <= 0:
+        return
+    subsets = []
+    for subset in result.subsets:
+        picked = set() if subset.is_reg else held_out_names((r.path.name for r in subset.images), share)
+        if picked:
+            kept = tuple(record for record in subset.images if record.path.name not in picked)
+            held = tuple(record for record in subset.images if record.path.name in picked)
+            result.held_out.append(replace(subset, images=held))
+            subset = replace(subset, images=kept)
+        subsets.append(subset)
+    result.subsets = subsets
+    if not result.held_out:
+        result.notes.append(
+            f"the held-out share {share:g} holds out no image: no training folder has 2 images or more, "
+            "so the validation loss is measured on the training images"
+        )
 
 
 @dataclass(frozen=True)

@@ -486,12 +486,15 @@ def _same_weight(value: Any, text: str) -> bool:
 
 
 def load_training_images(config: TrainingConfig, limit: int = MAX_TRAINING_IMAGES) -> list[Image.Image]:
-    """The run's training images (at most ``limit``, at most 512 px a side), each with its ``filename``."""
+    """The run's images of the character (at most ``limit``, at most 512 px a side), each with its
+    ``filename``: the images its held-out share kept out of training first (the same character, never
+    seen in training: the fairest reference for likeness), then the training images."""
     from lib_lora_trainer.dataset.images import ImageLoadError, load_image
     from lib_lora_trainer.dataset.scan import scan_dataset
 
+    dataset = scan_dataset(config)
     images: list[Image.Image] = []
-    for subset in scan_dataset(config).train_subsets:
+    for subset in dataset.held_out + dataset.train_subsets:
         for record in subset.images:
             if len(images) >= limit:
                 return images

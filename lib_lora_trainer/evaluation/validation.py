@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lib_lora_trainer.config import TrainingConfig
 from lib_lora_trainer.dataset.base import BatchSource, TrainingBatch
 from lib_lora_trainer.dataset.crop import FaceFinder
-from lib_lora_trainer.dataset.scan import scan_dataset
+from lib_lora_trainer.dataset.scan import ScannedDataset, scan_dataset
 from lib_lora_trainer.dataset.source import DatasetError, build_batch_source
 from lib_lora_trainer.model.host import TrainingHost
 
@@ -191,18 +191,34 @@ class DeterministicValidation:
 def validation_for(
     config: TrainingConfig, face_finder: FaceFinder | None = None
 ) -> DeterministicValidation | None:
-    """The validation ``config`` asks for: over its held-out folder, else over the training images.
+    """The validation ``config`` asks for: over its held-out folder, or over the images its held-out
+    share keeps out of training, else over the training images.
 
-    Raises :class:`~lib_lora_trainer.dataset.source.DatasetError` when the held-out folder is unusable.
+    Held-out images are measured as training sees them (captions with the trigger word first, the same
+    crop and masks) but without augmentation or repeats. Raises
+    :class:`~lib_lora_trainer.dataset.source.DatasetError` when the held-out folder is unusable.
     """
     if not config.validation_loss:
         return None
-    if not config.validation_dir.strip():
+    if config.validation_dir.strip():
+        held_out = _held_out_folder(config)
+    elif config.validation_share > 0:
+        held_out = _held_out_share(config)
+    else:
+        held_out = None
+    if held_out is None:
         return DeterministicValidation(parameterization=config.parameterization)
-    held_out_config = dataclasses.replace(
+    source = build_batch_source(_measuring_config(config), held_out, face_finder=face_finder)
+    return DeterministicValidation(source, parameterization=config.parameterization)
+
+
+def _measuring_config(config: TrainingConfig, folder: str = "") -> TrainingConfig:
+    """``config`` for reading held-out images (from ``folder``, a flat one, when given): every image
+    once, unaugmented, none held out again."""
+    where = {"train_data_dir": folder, "dataset_layout": "flat"} if folder else {}
+    return dataclasses.replace(
         config,
-        train_data_dir=config.validation_dir,
-        dataset_layout="flat",
+        **where,
         flat_repeats=1,
         reg_data_dir="",
         batch_size=1,
@@ -213,12 +229,27 @@ def validation_for(
         caption_tag_dropout_rate=0.0,
         cache_latents=True,
         cache_latents_to_disk=False,
+        validation_share=0.0,
     )
-    dataset = scan_dataset(held_out_config)
+
+
+def _held_out_folder(config: TrainingConfig) -> ScannedDataset:
+    dataset = scan_dataset(_measuring_config(config, config.validation_dir))
     if not dataset.usable:
         raise DatasetError(
             [f"the held-out images folder {config.validation_dir} has no usable images; "
              "empty the field to measure the validation loss on the training images"]
         )  # fmt: skip
-    held_out = build_batch_source(held_out_config, dataset, face_finder=face_finder)
-    return DeterministicValidation(held_out, parameterization=config.parameterization)
+    return dataset
+
+
+def _held_out_share(config: TrainingConfig) -> ScannedDataset | None:
+    """The images the share keeps out of training (the training scan picks the same ones), each once;
+    None when it keeps none out (every folder has a single image)."""
+    dataset = scan_dataset(dataclasses.replace(config, reg_data_dir=""))  # reg images are never held out
+    if not dataset.usable:
+        raise DatasetError(dataset.errors or ["the dataset has no usable training images"])
+    if not dataset.held_out:
+        logger.info("validation loss: the held-out share keeps no image out; the training images are used")
+        return None
+    return ScannedDataset(subsets=[dataclasses.replace(subset, repeats=1) for subset in dataset.held_out])

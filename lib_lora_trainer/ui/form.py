@@ -167,6 +167,9 @@ FIELDS: tuple[FieldSpec, ...] = (
        "After every epoch, a loss with fixed noise, timesteps and captions (comparable epoch to epoch)."),
     _f("validation_dir", "Held-out images folder (optional)", "text", SAMPLES,
        "Images kept out of training for the validation loss; empty: a fixed few of the training images."),
+    _f("validation_share", "Held-out share of the training images", "float", SAMPLES,
+       "0 = off; 0.1 keeps the same tenth of each folder out of training for the validation loss "
+       "(not with a held-out folder).", minimum=0, maximum=0.5),
     # --- training: advanced -----------------------------------------------------------------------
     _f("save_precision", "Save precision", "choice", ADVANCED,
        "fp16 halves the file size at no visible cost.",

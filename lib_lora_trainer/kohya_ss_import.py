@@ -478,6 +478,7 @@ class _Importer:
 
     tool = "kohya_ss"  # named in reasons
     resolution_key = "max_resolution"
+    simple_field_table: dict[str, tuple[str, str]] = _SIMPLE_FIELDS
     ignored_reasons: dict[str, str] = _IGNORED_WITH_REASON
     unsupported_reasons: dict[str, str] = _UNSUPPORTED_REASONS
     neutral_defaults: dict[str, Any] = _NEUTRAL_DEFAULTS
@@ -512,6 +513,12 @@ class _Importer:
         self.result.applied[our_field] = value
         self.result.sources[our_field] = source
         self.result.read_from.add(source.split()[0])
+
+    def mark_read(self, key: str) -> None:
+        """``key`` was used for a value applied under another key's name."""
+        if key in self.data:
+            self.handled.add(key)
+            self.result.read_from.add(key)
 
     def report_problem(self, key: str, message: str) -> None:
         self.problem_keys.add(key)
@@ -552,6 +559,10 @@ class _Importer:
         self.samples()
         self.remaining()
         self.superseded()
+        return self.finish()
+
+    def finish(self) -> KohyaImport:
+        """The config from the mapped values, with what our checks refuse in ``to_fix``."""
         try:
             self.result.config = TrainingConfig.from_dict(self.values)
         except ConfigError as error:  # a value our own checks refuse (type level)
@@ -575,7 +586,7 @@ class _Importer:
             self.ignore("v_parameterization", False, reason)
 
     def simple_fields(self) -> None:
-        for key, (our_field, kind) in _SIMPLE_FIELDS.items():
+        for key, (our_field, kind) in self.simple_field_table.items():
             if key not in self.data:
                 continue
             value = self.convert(key, kind)
@@ -650,7 +661,7 @@ class _Importer:
 
     def network_options(self) -> None:
         for key, (our_field, kind) in _NETWORK_OPTION_FIELDS.items():
-            if key not in self.data:
+            if key not in self.data or key in self.handled:
                 continue
             value = self.convert(key, kind)
             if key in self.problem_keys:

@@ -531,6 +531,13 @@ class _Importer:
     def ignore(self, key: str, value: Any, reason: str) -> None:
         self.result.ignored.append(ReportedKey(key, value, reason))
 
+    def is_argument_text(self, key: str, value: Any) -> bool:
+        """key=value arguments come as one text or a list of texts; anything else is reported."""
+        if isinstance(value, (str, list)):
+            return True
+        self.report_problem(key, f"{key} = {value!r}: expected key=value text; previous value kept")
+        return False
+
     def convert(self, key: str, kind: str) -> Any:
         """The value of ``key`` converted, or None when absent, empty or unreadable (then reported)."""
         value = self.take(key)
@@ -724,6 +731,8 @@ class _Importer:
             if "optimizer_args" in self.data:
                 self.ignore("optimizer_args", args, "empty")
             return
+        if not self.is_argument_text("optimizer_args", args):
+            return
         tokens = str(args).replace('"', "").replace("'", "").split() if isinstance(args, str) else list(args)
         passed_on: list[str] = []  # arguments without a field of ours go to optimizer_args as they are
         own_fields = {
@@ -773,6 +782,8 @@ class _Importer:
 
     def scheduler_arguments(self) -> None:
         lr_args = self.take("lr_scheduler_args")
+        if lr_args and not self.is_argument_text("lr_scheduler_args", lr_args):
+            return
         if lr_args:
             text = lr_args if isinstance(lr_args, str) else " ".join(str(item) for item in lr_args)
             self.set(

@@ -13,6 +13,7 @@ Only parsed data comes in (no file is read here); the mapping never raises for b
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -355,7 +356,8 @@ def _map_regularisation_folder(mapping: DatasetMapping, reg: list[_Subset]) -> N
 
 def _repeats(mapping: DatasetMapping, subset: _Subset) -> int | None:
     value = subset.options["num_repeats"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value != int(value) or value < 1:
         mapping.problems.append(
             f"{SOURCE}: num_repeats = {value!r} of subset {subset.label} is not a whole number >= 1"
         )

@@ -598,15 +598,19 @@ class _SdScriptsImporter(_Importer):
             defaults, f"what optimizer_args leave out takes {optimizer}'s defaults in sd-scripts"
         )
 
-    def optimizer_argument_names(self) -> set[str]:
+    def optimizer_argument_tokens(self) -> list[str]:
         args = self.data.get("optimizer_args") or []
-        tokens = args.split() if isinstance(args, str) else [str(item) for item in args]
-        return {token.partition("=")[0].strip() for token in tokens}
+        if isinstance(args, str):
+            return args.split()
+        return [str(item) for item in args] if isinstance(args, list) else []
+
+    def optimizer_argument_names(self) -> set[str]:
+        return {token.partition("=")[0].strip() for token in self.optimizer_argument_tokens()}
 
     def optimizer_argument_is_true(self, name: str) -> bool:
-        args = self.data.get("optimizer_args") or []
-        tokens = args.split() if isinstance(args, str) else [str(item) for item in args]
-        return any(token.replace(" ", "").lower() == f"{name}=true" for token in tokens)
+        return any(
+            token.replace(" ", "").lower() == f"{name}=true" for token in self.optimizer_argument_tokens()
+        )
 
     def apply_defaults(self, defaults: dict[str, Any], why: str) -> None:
         changed = []
@@ -854,6 +858,15 @@ def _load_dataset(
     return map_dataset_config(data, arguments), None
 
 
+def _given_keys(data: dict[str, Any], network_args: dict[str, Any], module: Any) -> dict[str, Any]:
+    """The keys that set something in sd-scripts: network_args entries count only when the module reads
+    them (an entry it ignores leaves sd-scripts' default in place)."""
+    reads = {"networks.lora": KOHYA_LORA_ARGS, "lycoris.kohya": LYCORIS_ARGS}.get(
+        str(module or "networks.lora").strip(), frozenset()
+    )
+    return {key: value for key, value in data.items() if key not in network_args or key in reads}
+
+
 def _rename(result: KohyaImport, shown: dict[str, str]) -> None:
     """Show keys that came from the dataset config under their report names."""
     if not shown:
@@ -900,8 +913,9 @@ def import_sd_scripts_config(
             if argument in importer_data:
                 replaced_top.append(ReportedKey(argument, importer_data.pop(argument), reason))
         importer_data.update(dataset.arguments)
+    given = _given_keys(importer_data, translation.network_args, flat.get("network_module"))
     replaced = set(dataset.replaces) if dataset is not None else set()
-    start, default_notes = with_sd_scripts_defaults(base, importer_data, replaced)
+    start, default_notes = with_sd_scripts_defaults(base, given, replaced)
     importer = _SdScriptsImporter(
         importer_data,
         start,

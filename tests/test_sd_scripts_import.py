@@ -288,8 +288,9 @@ def test_networks_we_do_not_train_are_reported_with_the_reason(module: str, args
 
 
 def test_network_args_a_module_does_not_read_are_ignored_and_unknown_ones_reported() -> None:
+    tab = TrainingConfig(dora_wd=True, network_dropout=0.2)
     lora = import_sd_scripts_config(
-        network("networks.lora", "algo=loha", "dora_wd=True", "dropout=0.3", "foo=1")
+        network("networks.lora", "algo=loha", "dora_wd=True", "dropout=0.3", "foo=1"), tab
     )
     ignored = {item.key: item.reason for item in lora.ignored}
     assert {"algo", "dora_wd", "dropout", "foo"} <= set(ignored)
@@ -815,3 +816,12 @@ def test_every_dataset_option_is_reported_once_by_name(tmp_path: Path) -> None:
     # a folder of regularisation images is read with 1 repeat here: 3 cannot be kept
     reg = unsupported["is_reg image_dir (dataset_config)"]
     assert "read with 1 repeat" in reg and result.config.reg_data_dir == "/reg_before"
+
+
+@pytest.mark.parametrize("repeats", ["nan", "inf", "0", "2.5", '"ten"'])
+def test_unusable_repeats_are_a_problem_line(tmp_path: Path, repeats: str) -> None:
+    result = dataset_toml(
+        tmp_path, f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "/a"\nnum_repeats = {repeats}\n'
+    )
+    assert result.config.train_data_dir == "/before"
+    assert any("num_repeats" in problem and "not a whole number" in problem for problem in result.problems)

@@ -94,7 +94,6 @@ class DatasetMapping:
 class _Subset:
     label: str
     options: dict[str, Any]  # every option resolved through subset -> dataset -> general -> arguments
-    dataset_index: int
 
 
 def map_dataset_config(config: Any, arguments: dict[str, Any]) -> DatasetMapping:
@@ -168,8 +167,8 @@ def _resolve_subsets(
     datasets: list[dict[str, Any]],
     arguments: dict[str, Any],
 ) -> list[_Subset]:
-    fallback = {option: arguments.get(argument) for option, argument in ARGUMENT_NAMES.items()}
-    fallback = {**arguments, **{k: v for k, v in fallback.items() if v is not None}}
+    renamed = {option: arguments.get(argument) for option, argument in ARGUMENT_NAMES.items()}
+    fallback = {**arguments, **{option: value for option, value in renamed.items() if value is not None}}
     resolved: list[_Subset] = []
     for index, dataset in enumerate(datasets):
         where = f"[[datasets]] {index + 1}"
@@ -187,15 +186,15 @@ def _resolve_subsets(
             options["num_repeats"] = _first_given("num_repeats", levels, 1)
             options["class_tokens"] = _first_given("class_tokens", [subset, dataset, general], None)
             label = _label(subset.get("image_dir"), index, position)
+            if any(other.label == label for other in resolved):  # two folders of the same name
+                label = f"{label} (datasets[{index}].subsets[{position}])"
             if "metadata_file" in subset:
                 reason = (
                     "fine-tuning subsets (a metadata JSON of captions) are not read; captions come from files"
                 )
-                mapping.unsupported.append(
-                    ReportedKey(f"metadata_file ({SOURCE})", subset["metadata_file"], reason)
-                )
+                _report_unknown(mapping, "metadata_file", subset["metadata_file"], reason)
                 continue
-            resolved.append(_Subset(label, options, index))
+            resolved.append(_Subset(label, options))
     return resolved
 
 

@@ -141,6 +141,7 @@ SD_IGNORED: dict[str, str] = {
     ),  # fmt: skip
     "no_metadata": "the epoch files always carry their ss_* metadata (A1111 and the tab read it)",
     "datasets": "sd-scripts reads [[datasets]] only from the file that dataset_config names",
+    "validation_seed": "the held-out images are chosen by the tab's validation options",
     **dict.fromkeys(
         GUI_ONLY_KEYS, "a kohya_ss GUI key, not a train_network.py argument: sd-scripts ignores it"
     ),
@@ -208,6 +209,7 @@ SD_SCRIPTS_DEFAULTS: tuple[tuple[str, tuple[str, ...], Any], ...] = (
     ("conv_block_alphas", ("conv_block_alphas",), ""),
     ("scale_weight_norms", ("scale_weight_norms",), 0.0),
     ("network_weights", ("network_weights",), ""),
+    ("reg_data_dir", ("reg_data_dir",), ""),
     ("optimizer", ("optimizer_type", "use_8bit_adam", "use_lion_optimizer"), "AdamW"),
     ("optimizer_args", ("optimizer_args",), ""),
     ("lr_scheduler", ("lr_scheduler",), "constant"),

@@ -340,6 +340,7 @@ def test_what_the_file_leaves_out_takes_sd_scripts_defaults_not_the_tabs() -> No
         max_train_steps=0,
         unet_lr=3e-4,
         trigger_word="alice_chr",
+        reg_data_dir="/reg",
     )
     result = import_sd_scripts_config({"network_module": "networks.lora", "network_dim": 8}, base)
     config = result.config
@@ -347,6 +348,7 @@ def test_what_the_file_leaves_out_takes_sd_scripts_defaults_not_the_tabs() -> No
     assert (config.lr_scheduler, config.lr_warmup_steps) == ("constant", 0)
     assert (config.keep_tokens, config.caption_extension, config.max_train_steps) == (0, ".caption", 1600)
     assert (config.unet_lr, config.text_encoder_lr) == (2e-6, 2e-6)
+    assert config.reg_data_dir == "", "no reg_data_dir: sd-scripts trains without regularisation images"
     assert config.trigger_word == "alice_chr", "settings sd-scripts has no argument for are kept"
     note = next(note for note in result.notes if note.startswith("not in the file"))
     assert "network_alpha 1.0 (was 16.0)" in note and "caption_extension '.caption'" in note

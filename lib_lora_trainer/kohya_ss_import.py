@@ -318,10 +318,12 @@ class KohyaImport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     to_fix: list[str] = field(default_factory=list)  # also in problems: applied, but refused by validate
+    problem_keys: set[str] = field(default_factory=set)  # keys whose values could not be read
+    source_label: str = "kohya_ss config"  # what was imported, for the summary's first line
 
     def summary(self) -> str:
         """A plain-text report for the tab: what was set, what was not, and why."""
-        parts = [f"Imported {len(self.applied)} settings from the kohya_ss config."]
+        parts = [f"Imported {len(self.applied)} settings from the {self.source_label}."]
         sections = [
             ("Could not be read (previous value kept)", [p for p in self.problems if p not in self.to_fix]),
             ("Applied, but must be changed before training", self.to_fix),
@@ -335,14 +337,14 @@ class KohyaImport:
         return "\n\n".join(parts)
 
 
-def _is_neutral(key: str, value: Any) -> bool:
+def _is_neutral(key: str, value: Any, neutral_defaults: dict[str, Any] = _NEUTRAL_DEFAULTS) -> bool:
     if value is None or value is False or value == "" or value == [] or value == {}:
         return True
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
         return True
     if isinstance(value, str) and value.strip().lower() in ("0", "0.0", "none", "false", "no"):
         return True
-    default = _NEUTRAL_DEFAULTS.get(key)
+    default = neutral_defaults.get(key)
     if default is not None:
         try:
             return value == default or float(value) == float(default)
@@ -471,6 +473,17 @@ def _number_or(data: dict[str, Any], key: str, kind: type, fallback: Any, notes:
 
 
 class _Importer:
+    """Maps the kohya_ss GUI's keys; :mod:`lib_lora_trainer.sd_scripts_import` overrides the steps whose
+    keys or meaning differ on sd-scripts' command line."""
+
+    tool = "kohya_ss"  # named in reasons
+    resolution_key = "max_resolution"
+    simple_field_table: dict[str, tuple[str, str]] = _SIMPLE_FIELDS
+    ignored_reasons: dict[str, str] = _IGNORED_WITH_REASON
+    unsupported_reasons: dict[str, str] = _UNSUPPORTED_REASONS
+    neutral_defaults: dict[str, Any] = _NEUTRAL_DEFAULTS
+    dependent_on: dict[str, tuple[str, tuple[str, ...]]] = _DEPENDENT_ON
+
     def __init__(self, data: dict[str, Any], base: TrainingConfig):
         self.data = data
         self.values = base.to_dict()
@@ -501,8 +514,15 @@ class _Importer:
         self.result.sources[our_field] = source
         self.result.read_from.add(source.split()[0])
 
+    def mark_read(self, key: str) -> None:
+        """``key`` was used for a value applied under another key's name."""
+        if key in self.data:
+            self.handled.add(key)
+            self.result.read_from.add(key)
+
     def report_problem(self, key: str, message: str) -> None:
         self.problem_keys.add(key)
+        self.result.problem_keys.add(key)
         self.result.problems.append(message)
 
     def unsupported(self, key: str, value: Any, reason: str) -> None:
@@ -510,6 +530,13 @@ class _Importer:
 
     def ignore(self, key: str, value: Any, reason: str) -> None:
         self.result.ignored.append(ReportedKey(key, value, reason))
+
+    def is_argument_text(self, key: str, value: Any) -> bool:
+        """key=value arguments come as one text or a list of texts; anything else is reported."""
+        if isinstance(value, (str, list)):
+            return True
+        self.report_problem(key, f"{key} = {value!r}: expected key=value text; previous value kept")
+        return False
 
     def convert(self, key: str, kind: str) -> Any:
         """The value of ``key`` converted, or None when absent, empty or unreadable (then reported)."""
@@ -539,6 +566,10 @@ class _Importer:
         self.samples()
         self.remaining()
         self.superseded()
+        return self.finish()
+
+    def finish(self) -> KohyaImport:
+        """The config from the mapped values, with what our checks refuse in ``to_fix``."""
         try:
             self.result.config = TrainingConfig.from_dict(self.values)
         except ConfigError as error:  # a value our own checks refuse (type level)
@@ -562,7 +593,7 @@ class _Importer:
             self.ignore("v_parameterization", False, reason)
 
     def simple_fields(self) -> None:
-        for key, (our_field, kind) in _SIMPLE_FIELDS.items():
+        for key, (our_field, kind) in self.simple_field_table.items():
             if key not in self.data:
                 continue
             value = self.convert(key, kind)
@@ -584,10 +615,7 @@ class _Importer:
                 self.report_problem("output_name", f"output_name: {problem}; previous name kept")
             else:
                 self.set("output_name", name.strip(), "output_name")
-        train_dir = self.take("train_data_dir")
-        if isinstance(train_dir, str) and train_dir.strip():
-            self.set("train_data_dir", train_dir, "train_data_dir")
-            self.set("dataset_layout", "kohya", "train_data_dir (kohya_ss uses N_name subfolders)")
+        self.folders()
         save_precision = self.take("save_precision")
         if save_precision is not None:
             mapped = _SAVE_PRECISIONS.get(str(save_precision))
@@ -598,9 +626,18 @@ class _Importer:
         vae = self.take("vae")
         if vae:
             self.unsupported("vae", vae, "training uses the VAE selected in the WebUI; choose it there")
+        self.dataset_config()
+
+    def folders(self) -> None:
+        train_dir = self.take("train_data_dir")
+        if isinstance(train_dir, str) and train_dir.strip():
+            self.set("train_data_dir", train_dir, "train_data_dir")
+            self.set("dataset_layout", "kohya", f"train_data_dir ({self.tool} uses N_name subfolders)")
+
+    def dataset_config(self) -> None:
         dataset_config = self.take("dataset_config")
         if dataset_config:
-            reason = "TOML dataset configs are not read; choose the image folder"
+            reason = "a dataset TOML is read when you import the sd-scripts .toml that names it"
             self.unsupported("dataset_config", dataset_config, reason)
 
     def network(self) -> None:
@@ -631,7 +668,7 @@ class _Importer:
 
     def network_options(self) -> None:
         for key, (our_field, kind) in _NETWORK_OPTION_FIELDS.items():
-            if key not in self.data:
+            if key not in self.data or key in self.handled:
                 continue
             value = self.convert(key, kind)
             if key in self.problem_keys:
@@ -677,16 +714,24 @@ class _Importer:
             self.set("train_text_encoder", True, "text_encoder_lr")
 
     def optimizer(self) -> None:
+        self.optimizer_name()
+        self.optimizer_arguments()
+
+    def optimizer_name(self) -> None:
         name = self.take("optimizer")
         if name is not None:
             if name in OPTIMIZERS:
                 self.set("optimizer", name, "optimizer")
             else:
                 self.unsupported("optimizer", name, f"available here: {', '.join(OPTIMIZERS)}")
+
+    def optimizer_arguments(self) -> None:
         args = self.take("optimizer_args")
         if not args:
             if "optimizer_args" in self.data:
                 self.ignore("optimizer_args", args, "empty")
+            return
+        if not self.is_argument_text("optimizer_args", args):
             return
         tokens = str(args).replace('"', "").replace("'", "").split() if isinstance(args, str) else list(args)
         passed_on: list[str] = []  # arguments without a field of ours go to optimizer_args as they are
@@ -725,7 +770,20 @@ class _Importer:
         cycles = self.convert("lr_scheduler_num_cycles", "int")
         if cycles is not None:
             self.set("lr_scheduler_num_cycles", max(cycles, 1), "lr_scheduler_num_cycles")
+        self.scheduler_arguments()
+        self.warmup()
+        if self.values["lr_scheduler"] == "constant" and self.values["lr_warmup_steps"] > 0:
+            # sd-scripts refuses a warmup with "constant"; the warmup is dropped, not silently added.
+            self.set("lr_warmup_steps", 0.0, "lr_scheduler = constant (no warmup)")
+            self.result.notes.append(
+                "the constant schedule has no warmup (sd-scripts refuses one); the warmup was set to 0 — "
+                "choose constant_with_warmup to keep it"
+            )
+
+    def scheduler_arguments(self) -> None:
         lr_args = self.take("lr_scheduler_args")
+        if lr_args and not self.is_argument_text("lr_scheduler_args", lr_args):
+            return
         if lr_args:
             text = lr_args if isinstance(lr_args, str) else " ".join(str(item) for item in lr_args)
             self.set(
@@ -735,6 +793,8 @@ class _Importer:
             )
         elif "lr_scheduler_args" in self.data:
             self.ignore("lr_scheduler_args", lr_args, "empty")
+
+    def warmup(self) -> None:
         percent = self.convert("lr_warmup", "float") or 0.0
         steps = self.convert("lr_warmup_steps", "float") or 0.0
         if steps > 0:
@@ -751,13 +811,6 @@ class _Importer:
             self.set("lr_warmup_steps", fraction, "lr_warmup (percent of all steps)")
         elif "lr_warmup" in self.data or "lr_warmup_steps" in self.data:
             self.set("lr_warmup_steps", 0.0, "lr_warmup")
-        if self.values["lr_scheduler"] == "constant" and self.values["lr_warmup_steps"] > 0:
-            # sd-scripts refuses a warmup with "constant"; the warmup is dropped, not silently added.
-            self.set("lr_warmup_steps", 0.0, "lr_scheduler = constant (no warmup)")
-            self.result.notes.append(
-                "the constant schedule has no warmup (sd-scripts refuses one); the warmup was set to 0 — "
-                "choose constant_with_warmup to keep it"
-            )
 
     def length(self) -> None:
         epochs = self.convert("epoch", "int")
@@ -775,6 +828,9 @@ class _Importer:
             else:
                 last_only = "save_every_n_epochs = 0 (last epoch only)"
                 self.set("save_every_n_epochs", self.values["epochs"], last_only)
+        self.seed()
+
+    def seed(self) -> None:
         seed = self.convert("seed", "int")
         if seed:
             self.set("seed", seed, "seed")
@@ -807,7 +863,8 @@ class _Importer:
                 self.ignore(key, self.take(key), reason)
 
     def resolution(self) -> None:
-        value = self.take("max_resolution")
+        key = self.resolution_key
+        value = self.take(key)
         if value in (None, ""):
             return
         try:
@@ -815,17 +872,17 @@ class _Importer:
             if not sizes or len(sizes) > 2 or min(sizes) <= 0:
                 raise ValueError("expected 'width,height'")
         except (ValueError, OverflowError) as error:
-            message = f"max_resolution = {value!r}: {error}; previous resolution kept"
-            self.report_problem("max_resolution", message)
+            message = f"{key} = {value!r}: {error}; previous resolution kept"
+            self.report_problem(key, message)
             return
         width, height = (sizes[0], sizes[-1])
         if width == height:
-            self.set("resolution", width, "max_resolution")
+            self.set("resolution", width, key)
             return
         side = max(64, int(round(math.sqrt(width * height) / 64)) * 64)
-        self.set("resolution", side, "max_resolution")
+        self.set("resolution", side, key)
         self.result.notes.append(
-            f"max_resolution {width}x{height} read as {side} (same pixel area; buckets keep each "
+            f"{key} {width}x{height} read as {side} (same pixel area; buckets keep each "
             "image's aspect ratio)"
         )
 
@@ -904,22 +961,32 @@ class _Importer:
             self.set("conditioning_data_dir", folder.strip(), "conditioning_data_dir (mask images)")
 
     def samples(self) -> None:
+        self.sample_prompts()
+        self.sample_sampler()
+
+    def sample_prompts(self) -> None:
         prompts = self.take("sample_prompts")
         if isinstance(prompts, str) and prompts.strip():
-            kept: list[str] = []
-            for line in prompts.splitlines():
-                text, _, options = line.partition(" --")
-                if text.strip():
-                    kept.append(text.strip())
-                if options.strip():
-                    self.result.notes.append(
-                        f"sample prompt options '--{options.strip()}' dropped; samples use the tab's "
-                        "sampler, size, seed and negative prompt"
-                    )
-            if kept:
-                self.set("sample_prompts", kept, "sample_prompts")
+            self.apply_prompt_lines(prompts, "sample_prompts")
         elif "sample_prompts" in self.data:
             self.ignore("sample_prompts", prompts, "empty")
+
+    def apply_prompt_lines(self, prompts: str, source: str) -> None:
+        """One prompt a line; kohya's ``--n``/``--w``... options are dropped with a note."""
+        kept: list[str] = []
+        for line in prompts.splitlines():
+            text, _, options = line.partition(" --")
+            if text.strip():
+                kept.append(text.strip())
+            if options.strip():
+                self.result.notes.append(
+                    f"sample prompt options '--{options.strip()}' dropped; samples use the tab's "
+                    "sampler, size, seed and negative prompt"
+                )
+        if kept:
+            self.set("sample_prompts", kept, source)
+
+    def sample_sampler(self) -> None:
         sampler = self.take("sample_sampler")
         if sampler:
             mapped = _SAMPLERS.get(str(sampler).lower())
@@ -933,18 +1000,22 @@ class _Importer:
         for key, value in self.data.items():
             if key in self.handled:
                 continue
-            if key in _IGNORED_WITH_REASON:
-                self.ignore(key, value, _IGNORED_WITH_REASON[key])
+            if key in self.ignored_reasons:
+                self.ignore(key, value, self.ignored_reasons[key])
             elif key in _OTHER_FAMILY_KEYS or key.startswith(_OTHER_FAMILY_PREFIXES):
                 self.ignore(key, value, "a setting for SDXL/SD3/Flux or other model families")
-            elif key in _DEPENDENT_ON and self.data.get(_DEPENDENT_ON[key][0]) not in _DEPENDENT_ON[key][1]:
-                switch, values = _DEPENDENT_ON[key]
+            elif key in self.dependent_on and not self.switched_on(key):
+                switch, values = self.dependent_on[key]
                 self.ignore(key, value, f"only used when {switch} is {values[0]}")
-            elif _is_neutral(key, value):
+            elif _is_neutral(key, value, self.neutral_defaults):
                 self.ignore(key, value, "off or empty")
             else:
-                reason = _UNSUPPORTED_REASONS.get(key, "this trainer has no such setting")
+                reason = self.unsupported_reasons.get(key, "this trainer has no such setting")
                 self.unsupported(key, value, reason)
+
+    def switched_on(self, key: str) -> bool:
+        switch, values = self.dependent_on[key]
+        return self.data.get(switch) in values
 
     def superseded(self) -> None:
         """Report keys that were read but neither applied nor reported: empty, or overridden."""
@@ -958,7 +1029,7 @@ class _Importer:
             if key in reported:
                 continue
             if key == "learning_rate":
-                reason = "unet_lr and text_encoder_lr are both set, so kohya_ss does not use it either"
+                reason = f"unet_lr and text_encoder_lr are both set, so {self.tool} does not use it either"
             elif key == "epoch":
                 reason = "max_train_epochs overrides it"
             elif key == "lr_warmup":

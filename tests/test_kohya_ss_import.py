@@ -403,6 +403,8 @@ def test_values_applied_but_refused_by_our_checks_are_not_called_kept() -> None:
     summary = result.summary()
     assert "Applied, but must be changed before training:\n- resolution 500 must be" in summary
     assert "Could not be read" not in summary
+
+
 def test_length_in_steps_and_saving_by_steps_are_mapped() -> None:
     result = import_kohya_ss_config(
         {
@@ -421,6 +423,8 @@ def test_length_in_steps_and_saving_by_steps_are_mapped() -> None:
     assert "always saved" in {item.key: item.reason for item in result.ignored}["save_state"]
     overridden = import_kohya_ss_config({"max_train_steps": 1600, "max_train_epochs": 4}, TrainingConfig())
     assert (overridden.config.max_train_steps, overridden.config.epochs) == (0, 4)
+
+
 def test_loss_noise_mask_optimizer_and_schedule_options_are_applied() -> None:
     result = import_kohya_ss_config(
         {
@@ -474,6 +478,8 @@ def test_a_constant_schedule_with_warmup_drops_the_warmup_with_a_note() -> None:
     assert result.config.lr_warmup_steps == 0
     assert any("constant schedule has no warmup" in note for note in result.notes)
     assert result.problems == []
+
+
 def test_network_kinds_dropouts_loraplus_block_weights_and_max_norm_are_applied() -> None:
     result = import_kohya_ss_config(
         {
@@ -524,3 +530,14 @@ def test_network_kinds_dropouts_loraplus_block_weights_and_max_norm_are_applied(
         {"LoRA_type": "LyCORIS/LoHa", "LyCORIS_preset": "attn-mlp", "conv_dim": 8}
     )
     assert (attention_only.config.network_type, attention_only.config.conv_layers) == ("loha", False)
+
+
+@pytest.mark.parametrize("value", [5, 1.5, True])
+@pytest.mark.parametrize("key", ["optimizer_args", "lr_scheduler_args"])
+def test_arguments_that_are_not_text_are_reported_not_a_traceback(key: str, value: Any) -> None:
+    base = TrainingConfig(optimizer_args="betas=0.9,0.99", lr_scheduler_args="min_lr_rate=0.2")
+    result = import_kohya_ss_config({key: value}, base)
+    assert getattr(result.config, key) == getattr(base, key)
+    assert any(
+        problem.startswith(f"{key} = {value!r}: expected key=value text") for problem in result.problems
+    )

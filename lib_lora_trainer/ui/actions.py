@@ -40,7 +40,6 @@ from lib_lora_trainer.dataset.report import build_report
 from lib_lora_trainer.dataset.scan import scan_dataset
 from lib_lora_trainer.evaluation.scoring import load_scores
 from lib_lora_trainer.files import read_text_file
-from lib_lora_trainer.kohya_ss_import import load_kohya_ss_json
 from lib_lora_trainer.outputs.compare import (
     DEFAULT_WEIGHTS,
     ComparisonError,
@@ -50,6 +49,7 @@ from lib_lora_trainer.outputs.compare import (
 )
 from lib_lora_trainer.outputs.registry import RUN_CONFIG_SUFFIX, RunOutputs
 from lib_lora_trainer.paths import PathNotAllowedError, safe_relative_subfolder
+from lib_lora_trainer.sd_scripts_import import load_kohya_config
 from lib_lora_trainer.ui.jobs import JobRefused, TrainingJobs
 from lib_lora_trainer.ui.services import GridResult, GridSettings, HostServices
 
@@ -258,7 +258,7 @@ class TabActions:
 
     # --- settings files -----------------------------------------------------------------------------
     def import_kohya(self, path: str, base: TrainingConfig) -> tuple[TrainingConfig, str]:
-        result = load_kohya_ss_json(path, base)
+        result = load_kohya_config(path, base)  # a kohya_ss GUI .json or an sd-scripts .toml
         config = dataclasses.replace(result.config, output_dir=base.output_dir)
         return config, result.summary()
 

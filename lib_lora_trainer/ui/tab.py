@@ -294,7 +294,9 @@ class _Tab:
         with gr.Accordion("Import or load settings", open=False, elem_id="lct_import_settings"):
             with gr.Row():
                 self.kohya_file = UploadFile(
-                    label="kohya_ss GUI config (.json)", file_types=[".json"], elem_id="lct_kohya_file"
+                    label="kohya_ss GUI config (.json) or sd-scripts config (.toml)",
+                    file_types=[".json", ".toml"],
+                    elem_id="lct_kohya_file",
                 )
                 self.config_file = UploadFile(
                     label="Settings saved by this trainer (.json)",
@@ -302,7 +304,7 @@ class _Tab:
                     elem_id="lct_config_file",
                 )
             with gr.Row():
-                self.import_kohya_button = gr.Button("Import kohya_ss config", elem_id="lct_import_kohya")
+                self.import_kohya_button = gr.Button("Import kohya config", elem_id="lct_import_kohya")
                 self.load_config_button = gr.Button("Load settings file", elem_id="lct_load_config")
         self.settings_message = gr.HTML(elem_id="lct_settings_message")
 
@@ -601,7 +603,8 @@ class _Tab:
 
     def on_import_kohya(self, values: dict):
         def change(config, form):
-            path = _upload_path(form[self.kohya_file], "Choose a kohya_ss .json file first.")
+            missing = "Choose a kohya_ss .json or sd-scripts .toml file first."
+            path = _upload_path(form[self.kohya_file], missing)
             return self.actions.import_kohya(path, config)
 
         return self._with_config(values, change)

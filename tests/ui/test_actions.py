@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from lib_lora_trainer.captioning import ExistingCaptionMode
+from lib_lora_trainer.config import ConfigError
 from lib_lora_trainer.paths import PathNotAllowedError
 from lib_lora_trainer.ui.actions import (
     ActionError,
@@ -96,6 +97,20 @@ def test_settings_files_partial_and_kohya(actions, tmp_path):
     imported, summary = actions.import_kohya(str(kohya), base)
     assert (imported.network_dim, imported.network_alpha, imported.epochs) == (64, 32.0, 6)
     assert summary.startswith("Imported")
+
+    toml = tmp_path / "run.toml"  # the same import takes an sd-scripts --config_file
+    toml.write_text(
+        '[network]\nnetwork_module = "lycoris.kohya"\nnetwork_dim = 16\nnetwork_alpha = 8\n'
+        'network_args = ["algo=loha"]\nmax_train_epochs = 3\noutput_dir = "/elsewhere"\n'
+    )
+    imported, summary = actions.import_kohya(str(toml), base)
+    assert (imported.network_type, imported.network_dim, imported.epochs) == ("loha", 16, 3)
+    assert imported.output_dir == base.output_dir
+    assert summary.startswith("Imported") and "from the sd-scripts config" in summary
+    broken_toml = tmp_path / "broken.toml"
+    broken_toml.write_text("network_dim = [", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        actions.import_kohya(str(broken_toml), base)
 
     broken = tmp_path / "broken.json"
     broken.write_text("[1, 2]", encoding="utf-8")

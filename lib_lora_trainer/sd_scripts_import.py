@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lib_lora_trainer.config import OPTIMIZERS, ConfigError, TrainingConfig
+from lib_lora_trainer.config import MAX_VALIDATION_SHARE, OPTIMIZERS, ConfigError, TrainingConfig
 from lib_lora_trainer.files import read_text_file
 from lib_lora_trainer.kohya_ss_import import (
     _IGNORED_WITH_REASON,
@@ -692,9 +692,30 @@ class _SdScriptsImporter(_Importer):
         )
 
     def seed(self) -> None:
+        """The seed, and the validation split (sd-scripts draws both at random from seeds)."""
         seed = self.convert("seed", "int")
         if seed is not None:
             self.set("seed", seed, "seed")
+        self.validation_split()
+
+    def validation_split(self) -> None:
+        split = self.convert("validation_split", "float")
+        if split is None or split == 0 or "validation_split" in self.problem_keys:
+            return
+        if not 0 < split <= MAX_VALIDATION_SHARE:
+            message = (
+                f"validation_split = {split!r}: this trainer holds out at most {MAX_VALIDATION_SHARE:g} of "
+                "the training images; previous value kept"
+            )
+            self.report_problem("validation_split", message)
+            return
+        self.set("validation_share", split, "validation_split")
+        self.set("validation_dir", "", "validation_split (instead of a held-out folder)")
+        self.set("validation_loss", True, "validation_split (the validation loss is measured on them)")
+        self.result.notes.append(
+            "validation_split: the held-out images are the same on every run, chosen by a hash of their "
+            "file names (not drawn with validation_seed)"
+        )
 
     # --- noise and samples ----------------------------------------------------------------------------
     def noise(self) -> None:

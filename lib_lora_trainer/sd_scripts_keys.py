@@ -141,7 +141,7 @@ SD_IGNORED: dict[str, str] = {
     ),  # fmt: skip
     "no_metadata": "the epoch files always carry their ss_* metadata (A1111 and the tab read it)",
     "datasets": "sd-scripts reads [[datasets]] only from the file that dataset_config names",
-    "validation_seed": "the held-out images are chosen by the tab's validation options",
+    "validation_seed": "held-out images are chosen by a hash of their file names (validation_share)",
     **dict.fromkeys(
         GUI_ONLY_KEYS, "a kohya_ss GUI key, not a train_network.py argument: sd-scripts ignores it"
     ),
@@ -158,7 +158,6 @@ SD_UNSUPPORTED: dict[str, str] = {
     "sample_at_first": "samples are made after epochs",
     "scale_v_pred_loss_like_noise_pred": "not supported here",
     "v_pred_like_loss": "not supported here",
-    "validation_split": "the tab's validation loss uses its own held-out choice (validation options)",
     "validate_every_n_steps": "the validation loss is computed after every epoch here",
     "validate_every_n_epochs": "the validation loss is computed after every epoch here",
     "max_validation_steps": "the validation loss uses the tab's validation options",

@@ -449,6 +449,20 @@ def test_noise_offset_without_multires_and_seed_zero() -> None:
     assert config.seed == 0
 
 
+def test_validation_split_becomes_the_held_out_share() -> None:
+    base = TrainingConfig(validation_dir="/data/held-out")
+    result = import_sd_scripts_config({"validation_split": 0.2, "validation_seed": 7}, base)
+    assert (result.config.validation_share, result.config.validation_dir) == (0.2, "")
+    assert result.config.validation_loss and not result.to_fix
+    assert any("hash of their" in note for note in result.notes)
+    assert reported(result)["validation_split"] == 1 and reported(result)["validation_seed"] == 1
+
+    too_much = import_sd_scripts_config({"validation_split": 0.8})
+    assert too_much.config.validation_share == 0.0
+    assert any("at most 0.5" in line for line in too_much.problems)
+    assert import_sd_scripts_config({"validation_split": 0.0}).config.validation_share == 0.0
+
+
 def test_gui_only_keys_in_a_toml_are_ignored_as_sd_scripts_ignores_them() -> None:
     result = import_sd_scripts_config({"LoRA_type": "LyCORIS/LoHa", "epoch": 7, "max_resolution": "768,768"})
     assert (result.config.network_type, result.config.epochs, result.config.resolution) == ("lora", 10, 512)

@@ -135,7 +135,7 @@ def train(
     problems = validate_for_dataset(config, image_count) if image_count is not None else []
     if problems:
         raise ConfigError(problems)
-    precheck_optimizer(config)
+    precheck_optimizer(config, device=host.device)  # bitsandbytes is checked where it will run
     output_dir = Path(config.output_dir or ".")
     length = RunLength.of(config, source.batches_per_epoch())
     fingerprint = fingerprint_for(config, source.fingerprint(), host.base_model_info())

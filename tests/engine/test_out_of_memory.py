@@ -152,7 +152,7 @@ def test_in_the_optimizer_step(tmp_path, monkeypatch, device):
         raise OUT_OF_MEMORY[device]()
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    monkeypatch.setattr(loop_module, "precheck_optimizer", lambda config: None)  # its dummy step
+    monkeypatch.setattr(loop_module, "precheck_optimizer", lambda config, **kwargs: None)  # its dummy step
     with pytest.raises(TrainingOutOfMemory, match="in the optimizer step of step 1.*Lower the batch size"):
         train(tiny_host(), tiny_config(tmp_path, epochs=1), small_source())
 
@@ -190,7 +190,7 @@ def test_an_unrelated_runtime_error_in_the_optimizer_step_is_not_taken_for_out_o
         raise _unrelated()
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    monkeypatch.setattr(loop_module, "precheck_optimizer", lambda config: None)
+    monkeypatch.setattr(loop_module, "precheck_optimizer", lambda config, **kwargs: None)
     with pytest.raises(RuntimeError, match="mat1 and mat2") as raised:
         train(tiny_host(), tiny_config(tmp_path, epochs=1), small_source())
     assert not isinstance(raised.value, TrainingOutOfMemory)

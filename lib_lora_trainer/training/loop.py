@@ -44,6 +44,7 @@ from lib_lora_trainer.training.callbacks import (
 from lib_lora_trainer.training.device_settings import tf32_matmul, to_device_async
 from lib_lora_trainer.training.loss import LossShaping
 from lib_lora_trainer.training.memory import (
+    CatchOutOfMemory,
     CheckpointingChoice,
     available_bytes,
     choose_checkpointing,
@@ -134,7 +135,7 @@ def train(
     problems = validate_for_dataset(config, image_count) if image_count is not None else []
     if problems:
         raise ConfigError(problems)
-    precheck_optimizer(config)
+    precheck_optimizer(config, device=host.device)  # bitsandbytes is checked where it will run
     output_dir = Path(config.output_dir or ".")
     length = RunLength.of(config, source.batches_per_epoch())
     fingerprint = fingerprint_for(config, source.fingerprint(), host.base_model_info())
@@ -210,12 +211,9 @@ def _cache_latents(host: TrainingHost, config: TrainingConfig, source: BatchSour
             raise _StoppedWhilePreparing()
 
     callbacks.on_phase("caching latents", 0, 1)
-    try:
+    with CatchOutOfMemory() as memory:
         source.prepare(host.encode_images, progress)
-        failed = False
-    except torch.cuda.OutOfMemoryError:
-        failed = True
-    if failed:  # outside the except block, so what the VAE held is released first
+    if memory.ran_out:  # outside the with block, so what the VAE held is released first
         free_cached_memory(host.device)
         raise TrainingOutOfMemory(out_of_memory_advice(host.device, config, "while caching latents", False))
 
@@ -274,9 +272,9 @@ class _Run:
         self.optimizer = build_optimizer(config, groups, self.device)
         self.scheduler = build_scheduler(config, self.optimizer, length.total_steps)
         self.scaler = precision.grad_scaler()
-        self.cond_cache = self._cache_conditioning()
         self.checkpointing_stack = contextlib.ExitStack()
-        self.checkpointing_on = False
+        self.checkpointing_on = False  # before the caption cache: its out-of-memory advice says it
+        self.cond_cache = self._cache_conditioning()
         checkpointing = self._choose_checkpointing()
         self.plan = TrainingPlan(
             batches_per_epoch=length.batches_per_epoch,
@@ -410,13 +408,11 @@ class _Run:
 
     def _forward_backward(self, batch: TrainingBatch) -> bool:
         """False when the batch did not fit in memory (what it allocated is released on return)."""
-        try:
+        with CatchOutOfMemory() as memory:
             loss = self._loss(batch)
             self.pending_losses.append((self.state.step + 1, loss.detach()))
             self._backward(loss / self.config.gradient_accumulation_steps)
-        except torch.cuda.OutOfMemoryError:
-            return False
-        return True
+        return not memory.ran_out
 
     def _out_of_memory_advice(self, during: str = "") -> str:
         where = during or f"at step {self.state.step + 1}"
@@ -447,7 +443,8 @@ class _Run:
             return choose_checkpointing(mode, None, None)
         self.callbacks.on_phase("memory probe", 0, 1)
         captions = self.source.captions()[:1] or [""]
-        try:
+        need = None
+        with CatchOutOfMemory():
             need = estimate_step_bytes(
                 self.host,
                 lambda: self._conditioning(captions),
@@ -457,10 +454,8 @@ class _Run:
                 trainable_parameters=self.trainable_parameters,
                 optimizer=self.config.optimizer,
             )
-        except torch.cuda.OutOfMemoryError:
-            need = None
         self.callbacks.on_phase("memory probe", 1, 1)
-        if need is None:  # outside the except block, so what the probe held is released first
+        if need is None:  # outside the with block, so what the probe held is released first
             free_cached_memory(self.device)
             return CheckpointingChoice(True, "auto: on (the memory probe itself ran out of memory)")
         return choose_checkpointing(mode, need, free)
@@ -485,12 +480,9 @@ class _Run:
             loss.backward()
 
     def _optimizer_step(self) -> None:
-        try:
+        with CatchOutOfMemory() as memory:
             self._apply_gradients()
-            failed = False
-        except torch.cuda.OutOfMemoryError:
-            failed = True
-        if failed:  # e.g. the optimizer's state, allocated at the first step, does not fit
+        if memory.ran_out:  # e.g. the optimizer's state, allocated at the first step, does not fit
             raise TrainingOutOfMemory(
                 self._out_of_memory_advice(f"in the optimizer step of step {self.state.step + 1}"),
                 weights_intact=False,
@@ -518,15 +510,11 @@ class _Run:
             return {}
         captions = self.source.captions()
         cache = {}
-        try:
-            with torch.no_grad(), self.host.autocast(self.precision.compute):
-                for index, caption in enumerate(captions):
-                    self.callbacks.on_phase("caching captions", index, len(captions))
-                    cache[caption] = self.host.encode_text([caption])[0]
-            failed = False
-        except torch.cuda.OutOfMemoryError:
-            failed = True
-        if failed:
+        with CatchOutOfMemory() as memory, torch.no_grad(), self.host.autocast(self.precision.compute):
+            for index, caption in enumerate(captions):
+                self.callbacks.on_phase("caching captions", index, len(captions))
+                cache[caption] = self.host.encode_text([caption])[0]
+        if memory.ran_out:
             cache = {}
             free_cached_memory(self.device)
             raise TrainingOutOfMemory(self._out_of_memory_advice("while encoding the captions"))

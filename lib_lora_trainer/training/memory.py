@@ -16,6 +16,8 @@ when a step would not fit otherwise:
 4. checkpointing goes on when need > 90 % of free.
 
 A step that still runs out of memory with checkpointing off switches it on and is done again (loop.py).
+Running out of memory is told apart from other errors by :func:`is_out_of_memory` alone, the same on
+CUDA and Apple MPS and on every torch release the extension runs on.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import gc
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 import torch
 
@@ -48,6 +51,44 @@ OPTIMIZER_STATE_BYTES = {
     "Prodigy": 16,
     "AdamWScheduleFree": 8,
 }
+
+
+# torch's own out-of-memory errors: CUDA's (torch 1.13+) and every device's (torch 2.5+, of which CUDA's is
+# an alias); Apple MPS raises a plain RuntimeError that starts with MPS_OUT_OF_MEMORY.
+OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = tuple(
+    error
+    for error in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+    if error is not None
+)
+MPS_OUT_OF_MEMORY = "MPS backend out of memory"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the device running out of memory (CUDA or Apple MPS), not another failure."""
+    if OUT_OF_MEMORY_ERRORS and isinstance(error, OUT_OF_MEMORY_ERRORS):
+        return True
+    return isinstance(error, RuntimeError) and str(error).lstrip().startswith(MPS_OUT_OF_MEMORY)
+
+
+class CatchOutOfMemory:
+    """``with CatchOutOfMemory() as memory:`` swallows an out-of-memory error of the block and sets
+    ``memory.ran_out``; any other error goes on. The error and its traceback, which hold the failed
+    work's tensors, are dropped on leaving the block, so what they held can be freed right after it."""
+
+    def __init__(self) -> None:
+        self.ran_out = False
+
+    def __enter__(self) -> CatchOutOfMemory:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        self.ran_out = error is not None and is_out_of_memory(error)
+        return self.ran_out
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -56,15 +57,28 @@ class OptionalPackage:
     install: str  # what to type; keeps every package A1111 pins (torch above all) as it is
 
 
+BITSANDBYTES_OPTIMIZERS = ("AdamW8bit", "PagedAdamW8bit", "Lion8bit")
+# Measured with torch 2.13 (CPU): bitsandbytes 0.45.5 to 0.49.2 cannot step an 8-bit optimizer on the CPU,
+# 0.50.0 and 0.50.2 can; 0.50 needs torch 2.4, and on torch 2.1 (A1111 v1.10.1) pip chooses 0.45.5.
+BITSANDBYTES_CPU = "bitsandbytes 0.50 or newer (with torch 2.4 or newer)"
+# Below this many elements bitsandbytes keeps a parameter's state in 32 bits (its min_8bit_size), so the
+# check on the training device steps a parameter this large: the 8-bit kernels themselves.
+BITSANDBYTES_8BIT_SIZE = 4096
+
+
+def _keeping_this_torch(package: str) -> str:
+    """The pip command that installs ``package`` beside this torch: the torch pin (met by the installed
+    one, whatever its CUDA build) lets pip choose the package's release made for it and change nothing."""
+    return f'pip install {package} "torch=={torch.__version__.split("+")[0]}"'
+
+
 _BITSANDBYTES = OptionalPackage(
     "bitsandbytes",
-    "pip install --no-deps bitsandbytes (torch and numpy, its only needs, are already there; "
-    "8-bit optimizers need a CUDA GPU)",
+    f"{_keeping_this_torch('bitsandbytes')} (8-bit optimizers run on CUDA GPUs, on the CPU with "
+    f"{BITSANDBYTES_CPU})",
 )
 OPTIONAL_PACKAGES: dict[str, OptionalPackage] = {
-    "AdamW8bit": _BITSANDBYTES,
-    "PagedAdamW8bit": _BITSANDBYTES,
-    "Lion8bit": _BITSANDBYTES,
+    **{name: _BITSANDBYTES for name in BITSANDBYTES_OPTIMIZERS},
     "Lion": OptionalPackage("lion_pytorch", "pip install --no-deps lion-pytorch (pure Python)"),
     "Prodigy": OptionalPackage("prodigyopt", "pip install prodigyopt (pure Python, no dependencies)"),
     "AdamWScheduleFree": OptionalPackage(
@@ -142,13 +156,55 @@ def optimizer_class(name: str) -> type[Optimizer]:
         from transformers.optimization import Adafactor
 
         return Adafactor
-    if name in ("AdamW8bit", "PagedAdamW8bit", "Lion8bit"):
-        return getattr(importlib.import_module("bitsandbytes").optim, name)
+    if name in BITSANDBYTES_OPTIMIZERS:
+        return getattr(_import_bitsandbytes(name).optim, name)
     if name == "Lion":
         return importlib.import_module("lion_pytorch").Lion
     if name == "Prodigy":
         return importlib.import_module("prodigyopt").Prodigy
     return importlib.import_module("schedulefree").AdamWScheduleFree
+
+
+def _import_bitsandbytes(name: str) -> Any:
+    """bitsandbytes, or a sentence: a release built for another torch or CUDA can fail on import."""
+    try:
+        return importlib.import_module("bitsandbytes")
+    except Exception as error:
+        raise OptimizerUnavailable(
+            f"{name} needs bitsandbytes, which is installed but cannot be loaded ({_first_line(error)}); "
+            f"reinstall it for this torch with: {_BITSANDBYTES.install}; or choose AdamW or Adafactor"
+        ) from error
+
+
+def check_bitsandbytes_runs(name: str, device: torch.device) -> None:
+    """Step ``name`` once on ``device``: bitsandbytes has 8-bit kernels for some devices only, and says
+    so only when an optimizer steps (often in words about something else). Raises OptimizerUnavailable."""
+    cls = optimizer_class(name)
+    parameter = torch.nn.Parameter(torch.ones(BITSANDBYTES_8BIT_SIZE, device=device))
+    parameter.grad = torch.full_like(parameter, 0.1)
+    try:
+        cls([parameter], lr=1e-3).step()
+    except Exception as error:  # NameError, AttributeError, RuntimeError ...: whatever the release raises
+        raise OptimizerUnavailable(_bitsandbytes_device_message(name, device, error)) from error
+
+
+def _bitsandbytes_device_message(name: str, device: torch.device, error: BaseException) -> str:
+    version = getattr(sys.modules.get("bitsandbytes"), "__version__", "?")
+    where = {"cuda": "this GPU", "cpu": "the CPU", "mps": "Apple MPS"}.get(device.type, device.type)
+    if device.type == "cuda":
+        remedy = f"reinstall it for this torch and its CUDA with: {_BITSANDBYTES.install}"
+    elif device.type == "cpu":
+        remedy = f"{BITSANDBYTES_CPU} runs them on the CPU: {_BITSANDBYTES.install}"
+    else:
+        remedy = "bitsandbytes' 8-bit optimizers are made for CUDA GPUs"
+    return (
+        f"{name} cannot run on {where} with the installed bitsandbytes {version} (its 8-bit optimizer "
+        f"step failed: {_first_line(error)}); {remedy}; or choose AdamW or Adafactor"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _constructor_kwargs(config: TrainingConfig) -> dict[str, Any]:
@@ -444,20 +500,30 @@ def _scheduler_args_problems(config: TrainingConfig) -> list[str]:
 PRECHECK_STEPS = 20
 
 
-def precheck_optimizer(config: TrainingConfig, total_steps: int = PRECHECK_STEPS) -> None:
+def precheck_optimizer(
+    config: TrainingConfig, total_steps: int = PRECHECK_STEPS, *, device: torch.device | None = None
+) -> None:
     """Build the optimizer and schedule of ``config`` on dummy parameters and step them, so that any pair
     that cannot run (a missing package, a wrong argument, a schedule the optimizer cannot drive) is refused
-    here, with a sentence, before the model is touched. Raises :class:`ConfigError`."""
+    here, with a sentence, before the model is touched. Raises :class:`ConfigError`.
+
+    The dummies live on the CPU, except bitsandbytes' on ``device`` (where training runs; the CPU when
+    None): its kernels are per device, and a release without the CPU's still trains on a GPU."""
     check_optimizer_available(config)
     cls = optimizer_class(config.optimizer)
     problems = _optimizer_args_problems(config, cls) + _scheduler_args_problems(config)
     if problems:
         raise ConfigError(problems)
-    groups = [ParamGroup("unet", [torch.nn.Parameter(torch.ones(4, 4))], config.unet_lr)]
+    where = torch.device("cpu")
+    if config.optimizer in BITSANDBYTES_OPTIMIZERS:
+        where = device or where
+        check_bitsandbytes_runs(config.optimizer, where)
+    groups = [ParamGroup("unet", [torch.nn.Parameter(torch.ones(4, 4, device=where))], config.unet_lr)]
     if config.train_text_encoder:
-        groups.append(ParamGroup("text_encoder", [torch.nn.Parameter(torch.ones(4))], config.text_encoder_lr))
+        text = torch.nn.Parameter(torch.ones(4, device=where))
+        groups.append(ParamGroup("text_encoder", [text], config.text_encoder_lr))
     try:
-        optimizer = build_optimizer(config, groups, torch.device("cpu"))
+        optimizer = build_optimizer(config, groups, where)
         scheduler = build_scheduler(config, optimizer, total_steps)
         for _ in range(min(total_steps, PRECHECK_STEPS)):
             for group in groups:

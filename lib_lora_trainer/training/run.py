@@ -23,7 +23,15 @@ from lib_lora_trainer.dataset.scan import scan_dataset
 from lib_lora_trainer.dataset.source import DatasetError, build_batch_source
 from lib_lora_trainer.files import remove_stale_temporaries
 from lib_lora_trainer.model.host import HostRefused, TrainingHost
-from lib_lora_trainer.training.loop import DatasetFacts, TrainingCallbacks, TrainingResult, Validation, train
+from lib_lora_trainer.training.loop import (
+    DatasetFacts,
+    TrainingCallbacks,
+    TrainingOutOfMemory,
+    TrainingResult,
+    Validation,
+    train,
+)
+from lib_lora_trainer.training.memory import is_out_of_memory
 from lib_lora_trainer.training.state import StateError
 
 log = logging.getLogger(__name__)
@@ -148,7 +156,9 @@ def _describe(error: BaseException) -> tuple[int, str]:
         where = f"{error.filename}: " if error.filename else ""
         reason = error.strerror or str(error)
         return 2, f"{where}{reason}; check the path, its permissions and the free disk space"
-    if isinstance(error, MemoryError):
+    if isinstance(error, TrainingOutOfMemory):
+        return 1, str(error)  # what to change, and what was kept
+    if isinstance(error, MemoryError) or is_out_of_memory(error):
         return 1, "out of memory; lower the batch size or the resolution"
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     if isinstance(error, ValueError):

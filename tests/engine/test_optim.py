@@ -3,8 +3,11 @@ each installed optimizer learns; the missing ones say how to install them."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -35,7 +38,10 @@ class ModelTouched(AssertionError):
 
 
 class GuardedHost:
-    """A host whose model must not be touched: opening a session or reading anything fails the test."""
+    """A host whose model must not be touched: opening a session or reading anything but the device it
+    trains on fails the test."""
+
+    device = torch.device("cpu")
 
     def __getattr__(self, name):
         raise ModelTouched(f"the host's {name} was used before the settings were refused")
@@ -249,15 +255,124 @@ def test_bitsandbytes_is_not_installed_here_and_its_optimizers_say_so():
     assert set(SPECS["optimizer"].choices) == {name for name in OPTIMIZERS if optim.is_available(name)}
     for name in ("AdamW8bit", "PagedAdamW8bit", "Lion8bit"):
         assert name not in SPECS["optimizer"].choices
-        with pytest.raises(optim.OptimizerUnavailable, match="pip install --no-deps bitsandbytes"):
+        with pytest.raises(optim.OptimizerUnavailable, match='pip install bitsandbytes "torch=='):
             optim.precheck_optimizer(config_for(name, "constant"))
 
 
+def test_the_bitsandbytes_install_hint_keeps_this_torch():
+    # pip keeps an installed torch that meets the pin (its +cu121 build too) and picks the bitsandbytes
+    # release made for it: 0.45.5 on torch 2.1.2; a bare install would bring the newest and a new torch
+    release = torch.__version__.split("+")[0]
+    assert f'pip install bitsandbytes "torch=={release}"' in optim.unavailable_message("AdamW8bit")
+
+
+# --- bitsandbytes installed, with what one release or another does on the training device ----------
+
+
+class FakeEightBit(torch.optim.Optimizer):
+    """A bitsandbytes 8-bit optimizer; ``failure`` is what its step raises on this device (None: it runs)."""
+
+    failure: BaseException | None = None
+    stepped: list = []
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999)):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas))
+
+    def step(self, closure=None):
+        if self.failure is not None:
+            raise self.failure
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                type(self).stepped.append((parameter.numel(), parameter.device.type))
+                parameter.data -= group["lr"] * parameter.grad
+
+
+def fake_bitsandbytes(monkeypatch, version: str, failure: BaseException | None) -> type[FakeEightBit]:
+    optimizer = type("FakeEightBit", (FakeEightBit,), {"failure": failure, "stepped": []})
+    module = types.ModuleType("bitsandbytes")
+    module.__spec__ = importlib.machinery.ModuleSpec("bitsandbytes", None)  # find_spec finds it
+    module.__version__ = version
+    module.optim = types.SimpleNamespace(**{name: optimizer for name in optim.BITSANDBYTES_OPTIMIZERS})
+    monkeypatch.setitem(sys.modules, "bitsandbytes", module)
+    return optimizer
+
+
+# What the releases before 0.50 raise when an 8-bit optimizer steps a CPU parameter (measured, torch 2.13)
+NO_CPU_KERNELS = {
+    "0.45.5": NameError("name 'str2optimizer8bit_blockwise' is not defined"),
+    "0.49.2": RuntimeError(
+        "All input tensors need to be on the same GPU, but found some tensors to not be on a GPU:\n[...]"
+    ),
+}
+
+
+@pytest.mark.parametrize("version", list(NO_CPU_KERNELS))
+@pytest.mark.parametrize("name", optim.BITSANDBYTES_OPTIMIZERS)
+def test_bitsandbytes_without_kernels_for_the_device_is_refused_before_the_model(
+    tmp_path, monkeypatch, name, version
+):
+    fake_bitsandbytes(monkeypatch, version, NO_CPU_KERNELS[version])
+    assert name in optim.available_optimizers()  # installed: the form offers it
+    config = tiny_config(tmp_path, optimizer=name, **_rates(name))
+    with pytest.raises(optim.OptimizerUnavailable) as raised:
+        train(GuardedHost(), config, small_source())
+    message = str(raised.value)
+    assert f"{name} cannot run on the CPU with the installed bitsandbytes {version}" in message
+    assert "bitsandbytes 0.50 or newer" in message and 'pip install bitsandbytes "torch==' in message
+    assert "choose AdamW or Adafactor" in message
+    assert str(NO_CPU_KERNELS[version]).splitlines()[0] in message  # what it said, in one line
+
+
+def test_bitsandbytes_that_runs_on_the_device_is_stepped_there_through_its_8bit_kernels(monkeypatch):
+    optimizer = fake_bitsandbytes(monkeypatch, "0.50.2", None)
+    optim.precheck_optimizer(config_for("AdamW8bit", "constant"), device=torch.device("cpu"))
+    # bitsandbytes keeps the state of a parameter under 4096 elements in 32 bits: one step is that large
+    assert (optim.BITSANDBYTES_8BIT_SIZE, "cpu") in optimizer.stepped
+
+
+def test_bitsandbytes_that_cannot_be_loaded_says_so(monkeypatch):
+    fake_bitsandbytes(monkeypatch, "0.50.2", None)
+    real_import = importlib.import_module
+
+    def failing_import(name, *args):
+        if name == "bitsandbytes":
+            raise RuntimeError("bitsandbytes 0.50 needs torch 2.4 or newer\n(a long traceback)")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(optim.importlib, "import_module", failing_import)
+    with pytest.raises(optim.OptimizerUnavailable, match="installed but cannot be loaded .*needs torch 2.4"):
+        optim.precheck_optimizer(config_for("Lion8bit", "constant"))
+
+
+@pytest.mark.parametrize(
+    ("device", "says"),
+    [
+        ("cuda", "reinstall it for this torch and its CUDA"),
+        ("mps", "made for CUDA GPUs"),
+        ("cpu", "bitsandbytes 0.50 or newer (with torch 2.4 or newer) runs them on the CPU"),
+    ],
+)
+def test_the_device_message_says_what_to_do_on_each_device(device, says):
+    message = optim._bitsandbytes_device_message("AdamW8bit", torch.device(device), RuntimeError("no"))
+    assert says in message and "choose AdamW or Adafactor" in message
+
+
 # The rate each optimizer takes a few clear steps down with on the tiny model (Prodigy: its multiplier).
-OVERFIT_RATES = {"AdamW": 1e-2, "Adafactor": 1e-2, "AdamWScheduleFree": 1e-2, "Lion": 4e-3, "Prodigy": 1.0}
+OVERFIT_RATES = {
+    "AdamW": 1e-2,
+    "Adafactor": 1e-2,
+    "AdamWScheduleFree": 1e-2,
+    "Lion": 4e-3,
+    "Prodigy": 1.0,
+    "AdamW8bit": 1e-2,  # bitsandbytes' three: where it is installed (0.50+ steps them on the CPU)
+    "PagedAdamW8bit": 1e-2,
+    "Lion8bit": 4e-3,
+}
 # Prodigy's step size starts at d0 = 1e-6 and takes a few dozen steps to grow; a larger start shows it
 # learning within a few steps.
-OVERFIT_ARGS = {"Prodigy": "d0=1e-4"}
+# bitsandbytes keeps the tiny model's small tensors' state in 32 bits unless told otherwise: the 8-bit
+# kernels themselves are stepped with min_8bit_size=1.
+OVERFIT_ARGS = {"Prodigy": "d0=1e-4", **dict.fromkeys(optim.BITSANDBYTES_OPTIMIZERS, "min_8bit_size=1")}
 
 
 def fixed_noise_losses(optimizer_name: str, steps: int) -> list[float]:

@@ -12,7 +12,9 @@ import torch
 
 from lib_lora_trainer.config import TrainingConfig
 from lib_lora_trainer.kohya_ss_import import import_kohya_ss_config
-from lib_lora_trainer.network.kohya_format import load_kohya_lora
+from lib_lora_trainer.network.adapters import attached_adapters
+from lib_lora_trainer.network.kohya_format import load_kohya_lora, load_network_file
+from lib_lora_trainer.network.plan import load_saved_network, plan_network
 from lib_lora_trainer.training import memory, precision
 from lib_lora_trainer.training.device_settings import to_device_async
 from lib_lora_trainer.training.loop import TrainingCallbacks, train
@@ -186,3 +188,79 @@ def test_the_kohya_importer_maps_no_with_the_same_rule():
     result = import_kohya_ss_config({"mixed_precision": "no"})
     assert result.config.mixed_precision == "no"
     assert any("mixed_precision no" in note and "fp16 with loss scaling" in note for note in result.notes)
+
+
+# --- every adapter kind over A1111's fp16 weights ------------------------------------------------
+
+FP16_KINDS = {
+    "loha-tucker": dict(network_type="loha", conv_layers=True, use_tucker=True),
+    "lokr": dict(network_type="lokr", conv_layers=True, lokr_factor=4),
+    "dora": dict(network_type="locon", dora_wd=True),
+}
+NORM_LAYERS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def fp16_weight_host():
+    """The tiny host with its UNet and text encoder held in fp16, as A1111 holds them without --no-half.
+
+    The norm layers stay fp32: CUDA's autocast computes group and layer norm in fp32 over half weights,
+    the CPU's refuses fp16 norm weights with fp32 input (ldm's GroupNorm32), so this is the CUDA
+    computation on this CPU. Every layer an adapter targets is fp16.
+    """
+    host = tiny_host()
+    for root in (host.unet(), host.text_encoder()):
+        for module in root.modules():
+            if not isinstance(module, NORM_LAYERS):
+                for parameter in module.parameters(recurse=False):
+                    parameter.data = parameter.data.half()
+    return host
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(precision.torch_release() < (2, 3), reason="no CPU loss scaler before torch 2.3")
+@pytest.mark.parametrize("network", list(FP16_KINDS))
+def test_no_on_fp16_weights_trains_every_kind_in_fp16_with_fp32_adapters(tmp_path, monkeypatch, network):
+    from lib_lora_trainer.training import loop
+
+    def resolved_for_cuda(device, weight_dtype, requested):  # CUDA's rule for these weights, run here
+        policy = resolve(CUDA, weight_dtype, requested, version=precision.torch_release())
+        return dataclasses.replace(policy, device=device)
+
+    monkeypatch.setattr(loop, "resolve_precision", resolved_for_cuda)
+    trained_dtypes, scaled = set(), []
+    original_build, original_scale = loop.build_optimizer, torch.amp.GradScaler.scale
+
+    def recording_build(config, groups, device):
+        trained_dtypes.update(p.dtype for group in groups for p in group.params)
+        return original_build(config, groups, device)
+
+    monkeypatch.setattr(loop, "build_optimizer", recording_build)
+    monkeypatch.setattr(
+        torch.amp.GradScaler, "scale", lambda self, loss: scaled.append(1) or original_scale(self, loss)
+    )
+    host = fp16_weight_host()
+    assert host_weight_dtype(host.unet()) == FP16
+    config = tiny_config(tmp_path, epochs=1, mixed_precision="no", **FP16_KINDS[network])
+    result = train(host, config, small_source(count=2))
+
+    assert result.status == "completed", result.message
+    assert result.losses and all(math.isfinite(v) for v in result.losses)
+    assert trained_dtypes == {FP32}  # fp32 master weights: the scaler refuses to unscale fp16 gradients
+    assert scaled  # the policy's fp16 compute is loss-scaled
+    path = result.epochs[-1].path
+    modules, metadata = load_network_file(path)
+    assert metadata["ss_mixed_precision"] == "fp16"
+    assert all(torch.isfinite(t).all() for parts in modules.values() for t in parts.values())
+
+    saved = load_saved_network(path, config)  # continue from the file on the same fp16 model
+    plan = plan_network(config, host.unet(), host.text_encoder(), train_text_encoder=True, saved=saved)
+    with attached_adapters(host.unet(), host.text_encoder(), plan.targets, plan.settings) as adapters:
+        adapters.load(saved.weights)
+        exported = adapters.export()
+        changed = [
+            float(adapters.kind.delta_weight(layer).detach().float().norm()) for _, layer in adapters.layers()
+        ]
+    assert exported.keys() == saved.weights.keys()
+    for key, parts in saved.weights.items():
+        assert exported[key].keys() == parts.keys()
+    assert max(changed) > 0  # it trained: the update is not the zero it starts as

@@ -376,7 +376,7 @@ def test_out_of_memory_in_the_first_optimizer_step_gives_the_advice(tmp_path, mo
     # the check before the model is touched steps a dummy optimizer: let it pass, the first real step fails
     from lib_lora_trainer.training import loop as loop_module
 
-    monkeypatch.setattr(loop_module, "precheck_optimizer", lambda config: None)
+    monkeypatch.setattr(loop_module, "precheck_optimizer", lambda config, **kwargs: None)
     host = tiny_host()
     before = host_fingerprint(host)
     with pytest.raises(TrainingOutOfMemory, match="in the optimizer step of step 1.*Lower the batch size"):

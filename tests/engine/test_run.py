@@ -11,6 +11,7 @@ import pytest
 from lib_lora_trainer.model import standalone
 from lib_lora_trainer.model.host import HostRefused
 from lib_lora_trainer.network.kohya_format import load_kohya_lora
+from lib_lora_trainer.training.callbacks import TrainingOutOfMemory
 from lib_lora_trainer.training.run import main
 from tests.engine.helpers import make_images, tiny_config
 
@@ -94,6 +95,13 @@ def test_a_utf16_config_is_read_and_a_folder_is_one_line(tmp_path, capsys):
         (HostRefused("clip skip 13 is outside 1..12"), 2, "this model cannot be trained here: clip skip 13"),
         (RuntimeError("Torch not compiled with CUDA enabled"), 2, "the device cannot be used (Torch not"),
         (MemoryError(), 1, "out of memory; lower the batch size"),
+        # Apple MPS: the message names the device, but this is memory, not an unusable device
+        (RuntimeError("MPS backend out of memory (MPS allocated: 17.5 GiB)"), 1, "out of memory; lower"),
+        (
+            TrainingOutOfMemory("Out of MPS memory at step 3. Lower the batch size."),
+            1,
+            "Out of MPS memory at",
+        ),
         (KeyError("unet"), 1, "training failed (KeyError: 'unet'); please report this"),
         (KeyboardInterrupt(), 130, "interrupted; the epochs saved so far are kept"),
     ],

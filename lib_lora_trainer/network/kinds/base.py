@@ -3,6 +3,7 @@
 A kind is one small class: the peft config that trains it, the peft parameters that hold each part of
 the kohya/LyCORIS file (``lora_down.weight``, ``hada_w1_a``, ``lokr_w1`` ...), and the parts that tell
 its saved modules apart. Export and load are written once here over that part table; peft does the maths.
+What LoHa and LoKr share besides (their peft config options and parameter dicts) is in ``lycoris.py``.
 """
 
 from __future__ import annotations
@@ -43,12 +44,17 @@ def most_common_rank_and_alpha(targets: Sequence[PeftTarget]) -> tuple[int, floa
     return max(set(pairs), key=pairs.count)
 
 
-def rank_and_alpha_patterns(targets: Sequence[PeftTarget]) -> tuple[int, float, dict, dict]:
-    """peft's ``r``/``alpha`` for the most common pair, and per-module patterns for the rest."""
+def peft_target_options(targets: Sequence[PeftTarget], alpha_option: str = "alpha") -> dict[str, object]:
+    """peft config options for the targets: ``r`` and alpha (peft's LoRA calls it ``lora_alpha``) for the
+    most common pair, and per-module patterns for the rest."""
     rank, alpha = most_common_rank_and_alpha(targets)
-    ranks = {t.full_name: t.rank for t in targets if t.rank != rank}
-    alphas = {t.full_name: t.alpha for t in targets if t.alpha != alpha}
-    return rank, alpha, ranks, alphas
+    return {
+        "r": rank,
+        alpha_option: alpha,
+        "target_modules": [t.full_name for t in targets],
+        "rank_pattern": {t.full_name: t.rank for t in targets if t.rank != rank},
+        "alpha_pattern": {t.full_name: t.alpha for t in targets if t.alpha != alpha},
+    }
 
 
 class AdapterKind:

@@ -9,50 +9,28 @@ these, under the same names.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from lib_lora_trainer.network.kinds.base import (
-    ADAPTER_NAME,
-    AdapterKind,
-    KindSettings,
-    PeftTarget,
-    rank_and_alpha_patterns,
-    split_evenly,
-)
+from lib_lora_trainer.network.kinds.base import ADAPTER_NAME, KindSettings, split_evenly
+from lib_lora_trainer.network.kinds.lycoris import LycorisKind
 
 _FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 _TUCKER = ("hada_t1", "hada_t2")
 
 
-class LohaKind(AdapterKind):
+class LohaKind(LycorisKind):
     algo = "loha"
     file_parts = _FACTORS + _TUCKER
     up_parts = ("hada_w1_a", "hada_w2_a")
 
-    def peft_model(self, root: nn.Module, targets: Sequence[PeftTarget], settings: KindSettings) -> nn.Module:
+    def peft_classes(self) -> tuple[type, type]:
         from peft import LoHaConfig
         from peft.tuners.loha import LoHaModel
 
-        rank, alpha, ranks, alphas = rank_and_alpha_patterns(targets)
-        config = LoHaConfig(
-            r=rank,
-            alpha=alpha,
-            target_modules=[t.full_name for t in targets],
-            rank_pattern=ranks,
-            alpha_pattern=alphas,
-            rank_dropout=settings.rank_dropout,
-            module_dropout=0.0,  # network/dropout.py skips modules, the same way for every kind
-            use_effective_conv2d=settings.use_tucker,
-            init_weights=True,
-        )
-        return LoHaModel(root, config, ADAPTER_NAME)
-
-    def parameters(self, layer: nn.Module) -> dict[str, nn.Parameter]:
-        names = _FACTORS + (_TUCKER if ADAPTER_NAME in layer.hada_t1 else ())
-        return {name: getattr(layer, name)[ADAPTER_NAME] for name in names}
+        return LoHaConfig, LoHaModel
 
     def scale_update(self, layer: nn.Module, ratio: float) -> None:
         each = split_evenly(ratio, 2)  # dW is linear in w1_a and in w2_a

@@ -13,55 +13,30 @@ configured alpha therefore does not change a LoKr's update (it is recorded in ``
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from lib_lora_trainer.network.kinds.base import (
-    ADAPTER_NAME,
-    ALPHA_PART,
-    AdapterKind,
-    KindSettings,
-    PeftTarget,
-    rank_and_alpha_patterns,
-    split_evenly,
-)
+from lib_lora_trainer.network.kinds.base import ADAPTER_NAME, ALPHA_PART, KindSettings, split_evenly
+from lib_lora_trainer.network.kinds.lycoris import LycorisKind
 
 _PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
 
-class LokrKind(AdapterKind):
+class LokrKind(LycorisKind):
     algo = "lokr"
     file_parts = _PARTS
     up_parts = ("lokr_w1", "lokr_w1_a")  # peft starts w1 at zero, as LoRA's up
 
-    def peft_model(self, root: nn.Module, targets: Sequence[PeftTarget], settings: KindSettings) -> nn.Module:
+    def peft_classes(self) -> tuple[type, type]:
         from peft import LoKrConfig
         from peft.tuners.lokr import LoKrModel
 
-        rank, alpha, ranks, alphas = rank_and_alpha_patterns(targets)
-        config = LoKrConfig(
-            r=rank,
-            alpha=alpha,
-            target_modules=[t.full_name for t in targets],
-            rank_pattern=ranks,
-            alpha_pattern=alphas,
-            rank_dropout=settings.rank_dropout,
-            module_dropout=0.0,  # network/dropout.py skips modules, the same way for every kind
-            use_effective_conv2d=settings.use_tucker,
-            decompose_both=settings.lokr_decompose_both,
-            decompose_factor=settings.lokr_factor,
-            init_weights=True,
-        )
-        return LoKrModel(root, config, ADAPTER_NAME)
+        return LoKrConfig, LoKrModel
 
-    def parameters(self, layer: nn.Module) -> dict[str, nn.Parameter]:
-        return {
-            name: getattr(layer, name)[ADAPTER_NAME]
-            for name in _PARTS
-            if ADAPTER_NAME in getattr(layer, name)
-        }
+    def own_options(self, settings: KindSettings) -> dict[str, object]:
+        return {"decompose_both": settings.lokr_decompose_both, "decompose_factor": settings.lokr_factor}
 
     def file_alpha(self, layer: nn.Module) -> float:
         return float(layer.r[ADAPTER_NAME])

@@ -28,7 +28,7 @@ from lib_lora_trainer.network.kinds.base import (
     AdapterKind,
     KindSettings,
     PeftTarget,
-    rank_and_alpha_patterns,
+    peft_target_options,
     split_evenly,
 )
 
@@ -87,13 +87,8 @@ class LoraKind(AdapterKind):
         from peft import LoraConfig
         from peft.tuners.lora import LoraModel
 
-        rank, alpha, ranks, alphas = rank_and_alpha_patterns(targets)
         config = LoraConfig(
-            r=rank,
-            lora_alpha=alpha,
-            target_modules=[t.full_name for t in targets],
-            rank_pattern=ranks,
-            alpha_pattern=alphas,
+            **peft_target_options(targets, alpha_option="lora_alpha"),
             lora_dropout=0.0,  # peft's dropout is on the input; kohya's dropouts are in network/dropout.py
             bias="none",
             init_lora_weights=True,  # kohya's init: down kaiming-uniform, up zeros

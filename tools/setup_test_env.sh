@@ -20,6 +20,11 @@ export PIP_CONSTRAINT="$constraints"
 pip install -q "pip==24.3.1"
 pip install -q "torch==$torch_version"
 pip install -q -r requirements-test.txt
+# bitsandbytes 0.50 steps its 8-bit optimizers on the CPU, with torch 2.4 or newer: on 2.13 the tests train
+# with them; the 2.1.2 environment goes without and checks the message that says how to install it.
+if [ "$torch_version" = "2.13.0" ]; then
+    pip install -q "bitsandbytes==0.50.2"
+fi
 # ldm's real UNetModel / AutoencoderKL code, without the packages sdkit itself would pull in.
 pip install -q --no-deps stable-diffusion-sdkit==2.1.5
 python -c "import torch, transformers, peft; print('test env:', torch.__version__, transformers.__version__, peft.__version__)"

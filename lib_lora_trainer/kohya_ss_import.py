@@ -910,12 +910,7 @@ class _Importer:
         kind = self.take("noise_offset_type")
         offset = self.convert("noise_offset", "float")
         if kind == "Multires":
-            iterations = self.convert("multires_noise_iterations", "int")
-            discount = self.convert("multires_noise_discount", "float")
-            if iterations:
-                self.set("multires_noise_iterations", iterations, "multires_noise_iterations")
-                if discount is not None:
-                    self.set("multires_noise_discount", discount, "multires_noise_discount")
+            if self.multires_noise():
                 self.result.read_from.add("noise_offset_type")
             else:
                 self.ignore("noise_offset_type", kind, "multires noise with 0 iterations is off")
@@ -926,13 +921,29 @@ class _Importer:
         if kind not in (None, "Original"):
             self.unsupported("noise_offset_type", kind, "only the original noise offset is supported")
             return
+        self.original_noise_offset(offset, "only used together with noise_offset")
+
+    def multires_noise(self) -> bool:
+        """Multires noise, applied when its iterations are set (True); the discount only with them."""
+        iterations = self.convert("multires_noise_iterations", "int")
+        discount = self.convert("multires_noise_discount", "float")
+        if not iterations:
+            return False
+        self.set("multires_noise_iterations", iterations, "multires_noise_iterations")
+        if discount is not None:
+            self.set("multires_noise_discount", discount, "multires_noise_discount")
+        return True
+
+    def original_noise_offset(self, offset: float | None, adaptive_alone: str) -> None:
+        """The noise offset with its adaptive scale and random strength; ``adaptive_alone``: why an
+        adaptive scale without an offset is ignored."""
         if offset is not None:
             self.set("noise_offset", offset, "noise_offset")
         adaptive = self.convert("adaptive_noise_scale", "float")
         if adaptive and offset:
             self.set("adaptive_noise_scale", adaptive, "adaptive_noise_scale")
         elif adaptive:
-            self.ignore("adaptive_noise_scale", adaptive, "only used together with noise_offset")
+            self.ignore("adaptive_noise_scale", adaptive, adaptive_alone)
         random_strength = self.convert("noise_offset_random_strength", "bool")
         if random_strength is not None:
             self.set("noise_offset_random_strength", random_strength, "noise_offset_random_strength")

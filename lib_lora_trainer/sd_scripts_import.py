@@ -721,23 +721,10 @@ class _SdScriptsImporter(_Importer):
     def noise(self) -> None:
         """sd-scripts adds the noise offset and the multires noise independently (both when both are set)."""
         offset = self.convert("noise_offset", "float")
-        if offset is not None:
-            self.set("noise_offset", offset, "noise_offset")
-        adaptive = self.convert("adaptive_noise_scale", "float")
-        if adaptive and offset:
-            self.set("adaptive_noise_scale", adaptive, "adaptive_noise_scale")
-        elif adaptive:
-            self.ignore("adaptive_noise_scale", adaptive, "sd-scripts refuses it without noise_offset")
-        random_strength = self.convert("noise_offset_random_strength", "bool")
-        if random_strength is not None:
-            self.set("noise_offset_random_strength", random_strength, "noise_offset_random_strength")
-        iterations = self.convert("multires_noise_iterations", "int")
-        discount = self.convert("multires_noise_discount", "float")
-        if iterations:
-            self.set("multires_noise_iterations", iterations, "multires_noise_iterations")
-            if discount is not None:
-                self.set("multires_noise_discount", discount, "multires_noise_discount")
-        elif discount is not None:
+        self.original_noise_offset(offset, "sd-scripts refuses it without noise_offset")
+        discount = self.data.get("multires_noise_discount")
+        applied = self.multires_noise()
+        if not applied and discount is not None and "multires_noise_discount" not in self.problem_keys:
             self.ignore("multires_noise_discount", discount, "only used with multires_noise_iterations")
 
     def sample_prompts(self) -> None:

@@ -10,8 +10,9 @@ fraction below 1), ``unet_lr``/``text_encoder_lr`` that fall back to ``learning_
 offset and multires noise side by side, ``sample_prompts`` as a file, ``seed = 0`` as a seed.
 
 A --config_file is a whole command line: what it leaves out, sd-scripts takes from its own defaults
-(``network_alpha`` 1, ``lr_scheduler`` constant, ``caption_extension`` .caption ...). Those defaults replace
-the tab's values for the settings that change what is trained, and the report lists them.
+(``network_alpha`` 1, ``lr_scheduler`` constant, ``keep_tokens`` 0 ...). Those defaults replace the tab's
+values for the settings that change what is trained, and the report lists them; the caption extension,
+which names the caption files on disk, stays the tab's.
 """
 
 from __future__ import annotations

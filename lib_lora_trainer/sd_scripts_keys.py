@@ -185,6 +185,8 @@ SD_NEUTRAL: dict[str, Any] = {
 }
 
 # --- defaults sd-scripts uses for what a --config_file leaves out ---------------------------------------
+# Not caption_extension: it names the caption files on disk (the tab's tagger writes .txt), and sd-scripts'
+# own default (.caption) would silently train without them.
 # (our field, the train_network.py arguments that would set it, sd-scripts' value when none is given)
 SD_SCRIPTS_DEFAULTS: tuple[tuple[str, tuple[str, ...], Any], ...] = (
     ("network_dim", ("network_dim",), 4),
@@ -219,7 +221,6 @@ SD_SCRIPTS_DEFAULTS: tuple[tuple[str, tuple[str, ...], Any], ...] = (
     ("batch_size", ("train_batch_size",), 1),
     ("gradient_accumulation_steps", ("gradient_accumulation_steps",), 1),
     ("max_grad_norm", ("max_grad_norm",), 1.0),
-    ("caption_extension", ("caption_extension", "caption_extention"), ".caption"),
     ("keep_tokens", ("keep_tokens",), 0),
     ("shuffle_caption", ("shuffle_caption",), False),
     ("caption_dropout_rate", ("caption_dropout_rate",), 0.0),

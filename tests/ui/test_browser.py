@@ -261,3 +261,48 @@ def lambda_contains(text: str):
     import re
 
     return re.compile(re.escape(text))
+
+
+SD_SCRIPTS_TOML = """
+[additional_network_arguments]
+network_module = "lycoris.kohya"
+network_dim = 24
+network_alpha = 12
+network_args = ["algo=locon", "conv_dim=8", "conv_alpha=4"]
+
+[optimizer_arguments]
+optimizer_type = "Prodigy"
+optimizer_args = ["d_coef=2", "safeguard_warmup=True"]
+learning_rate = 1.0
+lr_scheduler = "cosine"
+
+[training_arguments]
+max_train_epochs = 8
+mixed_precision = "bf16"
+unsupported_option_of_some_fork = 3
+"""
+
+
+def test_an_sd_scripts_toml_is_imported_with_its_report(app_url, browser_page, tmp_path):
+    from playwright.sync_api import expect
+
+    url, _services, _jobs = app_url
+    page = browser_page
+    page.goto(url)
+    page.locator("button", has_text="Train Character LoRA").first.click()
+    page.locator("#lct_sections button", has_text="3. Training").first.click()
+    toml_file = tmp_path / "alice_locon.toml"
+    toml_file.write_text(SD_SCRIPTS_TOML, encoding="utf-8")
+    page.locator("#lct_import_settings").get_by_text("Import or load settings").click()
+    page.locator("#lct_kohya_file input[type=file]").set_input_files(str(toml_file))
+    expect(page.locator("#lct_kohya_file")).to_contain_text("alice_locon.toml")
+    page.locator("#lct_import_kohya").click()
+    message = page.locator("#lct_settings_message").first
+    expect(message).to_contain_text("sd-scripts")
+    expect(message).to_contain_text("unsupported_option_of_some_fork")  # reported, not dropped
+    expect(page.locator("#lct_network_dim input")).to_have_value("24")
+    expect(page.locator("#lct_epochs input")).to_have_value("8")
+    shots = Path(os.environ.get("LCT_SCREENSHOT_DIR") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    message.scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "07-import-sd-scripts.png"), full_page=False)

@@ -74,3 +74,14 @@ def test_a_run_name_that_is_a_path_is_refused(services, jobs, tmp_path):
     assert 'data-state="failed"' in shown and "must not contain" in shown
     assert cards == gr.update()  # no card to fetch again
     assert "not been scored yet" in list(panel.watch("../x"))[-1][0]
+
+
+def test_the_epoch_list_shows_the_recommendation_as_a_short_badge(tmp_path):
+    from lib_lora_trainer.ui.views import epochs_table
+
+    notes = "epoch 1 of 2, 6 steps, loss 1.0451 | Recommended epoch of the run at weight 0.5: Epoch 1 is ..."
+    shown = epochs_table([("alice-000001", notes), ("alice-000002", "epoch 2 of 2, 12 steps, loss 1.1570")])
+    first, second = shown.split("</li>")[:2]
+    assert 'class="lct-recommended"' in first and "recommended, weight 0.5</b>" in first
+    assert "Epoch 1 is" not in first and "loss 1.0451" in first  # the reason stays beside the score table
+    assert "lct-recommended" not in second and "loss 1.1570" in second

@@ -106,7 +106,11 @@ class _PrintProgress(TrainingCallbacks):
             print(f"step {step}/{progress.total_steps} epoch {progress.epoch} loss {loss:.4f}", flush=True)
 
     def on_epoch_saved(self, saved) -> None:
-        print(f"saved {saved.path} (epoch {saved.epoch}, mean loss {saved.mean_loss:.4f})", flush=True)
+        validation = "" if saved.validation_loss is None else f", validation loss {saved.validation_loss:.4f}"
+        print(
+            f"saved {saved.path} (epoch {saved.epoch}, mean loss {saved.mean_loss:.4f}{validation})",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,13 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # the entry point composes what the tab's job composes: the validation loss the settings ask for
+    from lib_lora_trainer.evaluation.validation import validation_for
     from lib_lora_trainer.model.standalone import build_random_host
 
     try:
         config = TrainingConfig.from_json_file(args.config)
         host = build_random_host(args.model, device=args.device)
         result = run_training(
-            host, config, _PrintProgress(), resume_from=args.resume, allow_mismatch=args.allow_mismatch
+            host,
+            config,
+            _PrintProgress(),
+            resume_from=args.resume,
+            allow_mismatch=args.allow_mismatch,
+            validation=validation_for(config),
         )
     except (Exception, KeyboardInterrupt) as error:  # every failure ends as one message, never a traceback
         return report_failure(error)

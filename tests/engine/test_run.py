@@ -44,6 +44,7 @@ def test_main_trains_from_a_json_config(tmp_path, capsys):
 
     out = capsys.readouterr().out
     assert json.loads(out.strip().splitlines()[-1])["status"] == "completed"
+    assert out.count("validation loss") == 2  # measured after each epoch, as in the tab
     files = sorted(p.name for p in (tmp_path / "Lora").glob("*.safetensors"))
     assert files == ["alice-000001.safetensors", "alice-000002.safetensors"]
     _, metadata = load_kohya_lora(tmp_path / "Lora" / files[-1])

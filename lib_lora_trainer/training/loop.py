@@ -16,7 +16,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from lib_lora_trainer.training.callbacks import (
     TrainingPlan,
     TrainingResult,
 )
+from lib_lora_trainer.training.conditioning import CaptionConditioning
 from lib_lora_trainer.training.device_settings import tf32_matmul, to_device_async
 from lib_lora_trainer.training.loss import LossShaping
 from lib_lora_trainer.training.memory import (
@@ -274,7 +275,7 @@ class _Run:
         self.scaler = precision.grad_scaler()
         self.checkpointing_stack = contextlib.ExitStack()
         self.checkpointing_on = False  # before the caption cache: its out-of-memory advice says it
-        self.cond_cache = self._cache_conditioning()
+        self.conditioning = self._caption_conditioning()
         checkpointing = self._choose_checkpointing()
         self.plan = TrainingPlan(
             batches_per_epoch=length.batches_per_epoch,
@@ -447,7 +448,7 @@ class _Run:
         with CatchOutOfMemory():
             need = estimate_step_bytes(
                 self.host,
-                lambda: self._conditioning(captions),
+                lambda: self.conditioning(captions),
                 mixed_precision=self.precision.compute,
                 batch_size=self.config.batch_size,
                 resolution=self.config.resolution,
@@ -467,7 +468,7 @@ class _Run:
     # --- one step -----------------------------------------------------------------------------------
     def _loss(self, batch: TrainingBatch) -> torch.Tensor:
         latents = to_device_async(batch.latents, self.device, torch.float32)
-        cond = self._conditioning(batch.captions)
+        cond = self.conditioning(batch.captions)
         noised = self.loss_shaping.noise(latents)  # draws from torch's global RNG (order: training/loss.py)
         with self.host.autocast(self.precision.compute):
             prediction = self.host.predict(noised.noisy, noised.timesteps, cond)
@@ -504,29 +505,14 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
 
     # --- conditioning -------------------------------------------------------------------------------
-    def _cache_conditioning(self) -> dict[str, torch.Tensor]:
-        """With a frozen text encoder and fixed captions, each caption is encoded once for the run."""
+    def _caption_conditioning(self) -> CaptionConditioning:
+        conditioning = CaptionConditioning(self.host, self.precision.compute, self.train_text_encoder)
         if self.train_text_encoder or self.source.captions_vary():
-            return {}
-        captions = self.source.captions()
-        cache = {}
-        with CatchOutOfMemory() as memory, torch.no_grad(), self.host.autocast(self.precision.compute):
-            for index, caption in enumerate(captions):
-                self.callbacks.on_phase("caching captions", index, len(captions))
-                cache[caption] = self.host.encode_text([caption])[0]
-        if memory.ran_out:
-            cache = {}
+            return conditioning
+        if not conditioning.cache(self.source.captions(), self.callbacks.on_phase):
             free_cached_memory(self.device)
             raise TrainingOutOfMemory(self._out_of_memory_advice("while encoding the captions"))
-        self.callbacks.on_phase("caching captions", len(captions), len(captions))
-        return cache
-
-    def _conditioning(self, captions: Sequence[str]) -> torch.Tensor:
-        cached = [self.cond_cache.get(caption) for caption in captions]
-        if cached and all(c is not None for c in cached) and len({c.shape for c in cached}) == 1:
-            return torch.stack(cached)
-        with torch.set_grad_enabled(self.train_text_encoder), self.host.autocast(self.precision.compute):
-            return self.host.encode_text(list(captions))
+        return conditioning
 
     # --- reporting ----------------------------------------------------------------------------------
     def _read_losses(self) -> list[tuple[int, float]]:

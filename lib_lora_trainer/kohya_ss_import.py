@@ -37,6 +37,7 @@ from lib_lora_trainer.config import (
     validate,
 )
 from lib_lora_trainer.files import read_text_file
+from lib_lora_trainer.sd_scripts_keys import LYCORIS_PRESETS_WITH_CONVS
 
 logger = logging.getLogger(__name__)
 
@@ -663,7 +664,7 @@ class _Importer:
         """kohya_ss passes conv_dim to LyCORIS, whose default preset ("full") then adapts the convs."""
         preset = str(self.data.get("LyCORIS_preset") or "full")
         conv_dim = _number_or(self.data, "conv_dim", int, 0, self.result.notes)
-        convs = conv_dim > 0 and preset in ("full", "full-lin", "unet-only", "unet-convblock-only")
+        convs = conv_dim > 0 and preset in LYCORIS_PRESETS_WITH_CONVS  # "full-lin": linear layers only
         self.set("conv_layers", convs, f"LoRA_type {lora_type} with conv_dim {conv_dim}, preset {preset}")
 
     def network_options(self) -> None:

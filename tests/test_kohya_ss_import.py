@@ -530,6 +530,12 @@ def test_network_kinds_dropouts_loraplus_block_weights_and_max_norm_are_applied(
         {"LoRA_type": "LyCORIS/LoHa", "LyCORIS_preset": "attn-mlp", "conv_dim": 8}
     )
     assert (attention_only.config.network_type, attention_only.config.conv_layers) == ("loha", False)
+    # LyCORIS' "full-lin" preset is "full" without the convolutions
+    for preset, convs in (("full", True), ("full-lin", False), ("unet-convblock-only", True)):
+        imported = import_kohya_ss_config(
+            {"LoRA_type": "LyCORIS/LoKr", "LyCORIS_preset": preset, "conv_dim": 8}
+        )
+        assert imported.config.conv_layers is convs, preset
 
 
 @pytest.mark.parametrize("value", [5, 1.5, True])

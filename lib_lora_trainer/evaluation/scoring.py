@@ -438,6 +438,16 @@ _RECOMMENDED_WEIGHT = re.compile(re.escape(RECOMMENDATION_NOTE) + r" at weight (
 DEFAULT_CARD_WEIGHT = EpochCard.preferred_weight
 
 
+def split_recommendation(notes: str) -> tuple[str, str | None]:
+    """A card's notes without the recommendation a scoring added, and the weight it recommended (as
+    written; None when the notes carry no recommendation)."""
+    before, mark, _ = notes.partition(RECOMMENDATION_NOTE)
+    if not mark:
+        return notes, None
+    match = _RECOMMENDED_WEIGHT.search(notes)
+    return before.strip(), match.group(1) if match else ""
+
+
 def _read_card(path: Path) -> dict[str, Any] | None:
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
@@ -454,7 +464,7 @@ def write_recommendation(run: RunOutputs, verdict: Verdict) -> Path | None:
     card = _read_card(card_path)
     if card is None:
         return None
-    notes = str(card.get("notes", "")).split(RECOMMENDATION_NOTE)[0]
+    notes, _ = split_recommendation(str(card.get("notes", "")))
     card["preferred weight"] = verdict.weight
     card["notes"] = f"{notes}{RECOMMENDATION_NOTE} at weight {verdict.weight:g}: {verdict.rule}".strip()
     return atomic_write_text(card_path, json.dumps(card, indent=4, ensure_ascii=False))
@@ -467,13 +477,14 @@ def clear_recommendation(run: RunOutputs, epoch: int) -> bool:
     if not card_path.is_file():
         return False
     card = _read_card(card_path)
-    notes = str((card or {}).get("notes", ""))
-    if card is None or RECOMMENDATION_NOTE not in notes:
+    if card is None:
         return False
-    match = _RECOMMENDED_WEIGHT.search(notes)
-    if match and _same_weight(card.get("preferred weight"), match.group(1)):
+    notes, weight = split_recommendation(str(card.get("notes", "")))
+    if weight is None:
+        return False
+    if weight and _same_weight(card.get("preferred weight"), weight):
         card["preferred weight"] = DEFAULT_CARD_WEIGHT
-    card["notes"] = notes.split(RECOMMENDATION_NOTE)[0].strip()
+    card["notes"] = notes
     atomic_write_text(card_path, json.dumps(card, indent=4, ensure_ascii=False))
     return True
 

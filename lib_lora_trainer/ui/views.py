@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from lib_lora_trainer.evaluation.scoring import RECOMMENDATION_NOTE
+from lib_lora_trainer.evaluation.scoring import split_recommendation
 from lib_lora_trainer.ui.jobs import JobSnapshot
 from lib_lora_trainer.ui.loss_chart import loss_chart_svg
 
@@ -89,9 +89,6 @@ def log_text(snapshot: JobSnapshot | None) -> str:
     return "\n".join(snapshot.log) if snapshot else ""
 
 
-RECOMMENDED_NOTE = f"{RECOMMENDATION_NOTE} at weight "
-
-
 def epochs_table(rows: Sequence[tuple[str, str]]) -> str:
     """An HTML list of a run's epochs: (file stem, notes); the scored recommendation as a short badge
     (its reason is beside the score table)."""
@@ -99,12 +96,11 @@ def epochs_table(rows: Sequence[tuple[str, str]]) -> str:
         return '<div class="lct-epochs" data-count="0">No saved epochs yet.</div>'
     items = []
     for stem, notes in rows:
-        text, _, recommendation = notes.partition(RECOMMENDED_NOTE)
-        badge = ""
-        if recommendation:
-            weight = recommendation.split(":", 1)[0]
+        text, weight = split_recommendation(notes)
+        badge, marker = "", ""
+        if weight is not None:
             badge = f' <b class="lct-recommended-badge">recommended, weight {html.escape(weight)}</b>'
-        marker = ' class="lct-recommended"' if recommendation else ""
+            marker = ' class="lct-recommended"'
         items.append(
             f'<li data-stem="{html.escape(stem)}"{marker}><code>{html.escape(stem)}</code> '
             f"{html.escape(text)}{badge}</li>"

@@ -490,7 +490,7 @@ class _Importer:
         self.values = base.to_dict()
         self.result = KohyaImport(config=base)
         self.handled: set[str] = set()
-        self.problem_keys: set[str] = set()
+        self.problem_keys = self.result.problem_keys  # one set: the report carries it out
 
     # --- helpers ---------------------------------------------------------------------------------
     def take(self, key: str) -> Any:
@@ -523,7 +523,6 @@ class _Importer:
 
     def report_problem(self, key: str, message: str) -> None:
         self.problem_keys.add(key)
-        self.result.problem_keys.add(key)
         self.result.problems.append(message)
 
     def unsupported(self, key: str, value: Any, reason: str) -> None:

@@ -1067,18 +1067,25 @@ def import_kohya_ss_config(data: dict[str, Any], base: TrainingConfig | None = N
     return result
 
 
+def read_config_text(path: str | Path, role: str) -> str:
+    """The text of a settings file to import; every unusable file is one ConfigError sentence that
+    starts with ``role`` ("kohya_ss config" ...)."""
+    file = Path(path)
+    if file.is_dir():
+        raise ConfigError([f"{role} {file} is a folder, not a file; choose the file inside it"])
+    try:
+        return read_text_file(file)
+    except FileNotFoundError as error:
+        raise ConfigError([f"{role} {file} does not exist"]) from error
+    except OSError as error:
+        raise ConfigError([f"{role} {file} cannot be read ({error.strerror or error})"]) from error
+    except ValueError as error:  # not text (a binary file, an unknown encoding)
+        raise ConfigError([f"{role} {error}"]) from error
+
+
 def load_kohya_ss_json(path: str | Path, base: TrainingConfig | None = None) -> KohyaImport:
     """Read a kohya_ss GUI JSON file and map it (see :func:`import_kohya_ss_config`)."""
-    try:
-        text = read_text_file(path)
-    except FileNotFoundError as error:
-        raise ConfigError([f"kohya_ss config {path} does not exist"]) from error
-    except IsADirectoryError as error:
-        raise ConfigError([str(error)]) from error
-    except OSError as error:
-        raise ConfigError([f"kohya_ss config {path} cannot be read ({error.strerror or error})"]) from error
-    except ValueError as error:  # not text
-        raise ConfigError([f"kohya_ss config {error}"]) from error
+    text = read_config_text(path, "kohya_ss config")
     try:
         data = json.loads(text)
     except ValueError as error:  # JSONDecodeError, or an integer of more than 4300 digits

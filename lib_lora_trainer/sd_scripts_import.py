@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from lib_lora_trainer.config import MAX_VALIDATION_SHARE, OPTIMIZERS, ConfigError, TrainingConfig
-from lib_lora_trainer.files import read_text_file
 from lib_lora_trainer.kohya_ss_import import (
     _IGNORED_WITH_REASON,
     _NEUTRAL_DEFAULTS,
@@ -36,6 +35,7 @@ from lib_lora_trainer.kohya_ss_import import (
     ReportedKey,
     _Importer,
     load_kohya_ss_json,
+    read_config_text,
 )
 from lib_lora_trainer.sd_scripts_dataset import DatasetMapping, map_dataset_config
 from lib_lora_trainer.sd_scripts_keys import (
@@ -104,23 +104,10 @@ def parse_toml(text: str, name: str) -> dict[str, Any]:
     return data
 
 
-def _read_text(path: Path, role: str) -> str:
-    if path.is_dir():
-        raise ConfigError([f"{role} {path} is a folder, not a file; choose the file inside it"])
-    try:
-        return read_text_file(path)
-    except FileNotFoundError as error:
-        raise ConfigError([f"{role} {path} does not exist"]) from error
-    except OSError as error:
-        raise ConfigError([f"{role} {path} cannot be read ({error.strerror or error})"]) from error
-    except ValueError as error:  # not text (a binary file, an unknown encoding)
-        raise ConfigError([f"{role} {error}"]) from error
-
-
 def read_toml_file(path: str | Path, role: str = "sd-scripts config") -> dict[str, Any]:
     """A TOML file as a dict; every unusable file is one ConfigError sentence."""
     file = Path(path)
-    return parse_toml(_read_text(file, role), f"{role} {file}")
+    return parse_toml(read_config_text(file, role), f"{role} {file}")
 
 
 def read_settings_file(path: str | Path, role: str) -> Any:
@@ -128,7 +115,7 @@ def read_settings_file(path: str | Path, role: str) -> Any:
     file = Path(path)
     if file.suffix.lower() == ".json":
         try:
-            return json.loads(_read_text(file, role))
+            return json.loads(read_config_text(file, role))
         except ValueError as error:
             if isinstance(error, ConfigError):
                 raise
@@ -784,7 +771,7 @@ def read_prompt_file(path: Path) -> tuple[list[str], set[str]]:
     if suffix not in (".txt", ".toml", ".json"):
         raise ConfigError(["sd-scripts reads sample prompts from a .txt, .toml or .json file"])
     if suffix == ".txt":
-        lines = _read_text(path, "the sample prompt file").splitlines()
+        lines = read_config_text(path, "the sample prompt file").splitlines()
         return [line.strip() for line in lines if line.strip() and not line.startswith("#")], set()
     data = read_settings_file(path, "the sample prompt file")
     if suffix == ".toml":
@@ -1008,7 +995,7 @@ def load_kohya_config(path: str | Path, base: TrainingConfig | None = None) -> K
         return load_kohya_ss_json(file, base)
     if suffix == ".toml":
         return load_sd_scripts_toml(file, base)
-    text = _read_text(file, "kohya config")
+    text = read_config_text(file, "kohya config")
     if text.lstrip().startswith("{"):
         return load_kohya_ss_json(file, base)
     data = parse_toml(text, f"{file} (neither a kohya_ss JSON nor an sd-scripts TOML)")

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+# kohya folder names read as the dataset scan reads them (10_alice: 10 repeats, class token "alice")
+from lib_lora_trainer.dataset.scan import KOHYA_FOLDER_PATTERN
 from lib_lora_trainer.kohya_ss_import import ReportedKey
 
 # sd-scripts' defaults (train_network.py's argparse defaults, then config_util's dataclasses) for the
@@ -71,8 +73,6 @@ _DATASET_KEYS = (
 ) - _SUBSET_ONLY
 _GENERAL_KEYS = _DATASET_KEYS
 _TRAIN_ONLY = {"conditioning_data_dir"}  # regularisation subsets carry no masks
-# read as dataset/scan.py reads kohya folder names (10_alice: 10 repeats, class token "alice")
-_KOHYA_NAME = re.compile(r"^(\d+)_(.*)$")
 SOURCE = "dataset_config"
 
 
@@ -372,7 +372,7 @@ def _kohya_parent(subsets: list[_Subset]) -> tuple[str | None, str]:
         return None, "this trainer takes one training folder; these image_dir are in different folders"
     parent = parents.pop()
     for subset, (_, name) in zip(subsets, parts, strict=True):
-        match = _KOHYA_NAME.match(name)
+        match = KOHYA_FOLDER_PATTERN.match(name)
         repeats = subset.options["num_repeats"]
         if not match or int(match.group(1)) != repeats:
             return None, (
@@ -399,14 +399,16 @@ def _other_kohya_folders(parent: str, names: set[str]) -> list[str]:
     try:
         if not folder.is_dir():
             return []  # not on this machine: nothing to compare with
-        found = [
-            entry.name
-            for entry in folder.iterdir()
-            if entry.is_dir() and (match := _KOHYA_NAME.match(entry.name)) and int(match.group(1)) >= 1
-        ]
+        found = [entry.name for entry in folder.iterdir() if entry.is_dir() and _repeats_of(entry.name) >= 1]
     except OSError:
         return []
     return sorted(name for name in found if name not in names)
+
+
+def _repeats_of(folder_name: str) -> int:
+    """N of an ``N_name`` folder; 0 for any other name."""
+    match = KOHYA_FOLDER_PATTERN.match(folder_name)
+    return int(match.group(1)) if match else 0
 
 
 def _path_parts(text: str) -> tuple[str, str]:

@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 SD_SCRIPTS_LABEL = "sd-scripts config"
 LEARNING_RATE_DEFAULT = 2e-6  # train_network.py's --learning_rate default
+MAX_TRAIN_STEPS_DEFAULT = 1600  # train_network.py's --max_train_steps default
 
 
 # --- reading TOML ---------------------------------------------------------------------------------------
@@ -808,14 +809,14 @@ def with_sd_scripts_defaults(
     for our_field, keys, default in SD_SCRIPTS_DEFAULTS:
         if our_field not in known or any(key in given for key in keys):
             continue
-        if our_field == "max_train_steps" or values[our_field] == default:
+        if values[our_field] == default:
             continue
         changed.append(f"{our_field} {default!r} (was {values[our_field]!r})")
         values[our_field] = default
     if not any(key in given for key in ("max_train_steps", "max_train_epochs")):
-        if values["max_train_steps"] != 1600:  # train_network.py's --max_train_steps default
-            changed.append(f"max_train_steps 1600 (was {values['max_train_steps']!r})")
-            values["max_train_steps"] = 1600
+        if values["max_train_steps"] != MAX_TRAIN_STEPS_DEFAULT:
+            changed.append(f"max_train_steps {MAX_TRAIN_STEPS_DEFAULT} (was {values['max_train_steps']!r})")
+            values["max_train_steps"] = MAX_TRAIN_STEPS_DEFAULT
     elif "max_train_steps" not in given and values["max_train_steps"]:
         changed.append(
             f"max_train_steps 0 (was {values['max_train_steps']!r}; max_train_epochs sets the length)"
